@@ -1,0 +1,348 @@
+// CUDA kernels of bn_act: batch norm (+ residual) (+ ReLU), NCHW or NHWC, fp32/fp16/bf16.
+//
+// Forward: a reduction pass writes per-(split, channel) partial sums of x shifted by
+// each channel's first value (fp32), a one-thread-per-channel finalise turns them into
+// mean, invstd, the running-stat update and an affine pair, and an elementwise pass
+// writes relu(x * scale + offset + residual). Backward mirrors it: a reduction pass for
+// sum(g) and sum(g * (x - mean)) (writing the ReLU-masked gradient when the residual
+// needs it), a finalise into dx = g * k_g + x * k_x + k_0, and an elementwise pass.
+// Partial sums instead of atomics keep results deterministic run to run.
+// Only c10's CUDA headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers
+// that a bare CUDA toolkit does not ship.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "bn_act.h"
+
+namespace engine {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxSplits = 256;
+
+// A reduction block covers CHANNELS channels by ROW_LANES rows per step; NHWC puts
+// channels on consecutive threads, NCHW puts pixels there, so loads coalesce in both.
+template <bool CL>
+struct Tile {
+  static constexpr int CHANNELS = CL ? 32 : 8;
+  static constexpr int ROW_LANES = kThreads / CHANNELS;
+  __device__ static int channel_lane() { return CL ? threadIdx.x % CHANNELS : threadIdx.x / ROW_LANES; }
+  __device__ static int row_lane() { return CL ? threadIdx.x / CHANNELS : threadIdx.x % ROW_LANES; }
+  __device__ static int64_t offset(int64_t row, int64_t c, int64_t C, int64_t S) {
+    if (CL) return row * C + c;
+    int64_t image = row / S;
+    return (image * C + c) * S + (row - image * S);
+  }
+};
+
+// Sums over the ROW_LANES lanes of each channel; the result is valid for row lane 0.
+template <bool CL>
+__device__ void reduce_rows(float& a, float& b, float (*scratch)[kThreads]) {
+  using T = Tile<CL>;
+  scratch[0][threadIdx.x] = a;
+  scratch[1][threadIdx.x] = b;
+  __syncthreads();
+  if (T::row_lane() == 0) {
+    for (int lane = 1; lane < T::ROW_LANES; ++lane) {
+      int other = CL ? lane * T::CHANNELS + T::channel_lane() : T::channel_lane() * T::ROW_LANES + lane;
+      a += scratch[0][other];
+      b += scratch[1][other];
+    }
+  }
+}
+
+template <typename scalar_t, bool CL>
+__global__ void stats_kernel(const scalar_t* __restrict__ x, const float* __restrict__ shift,
+                             float* __restrict__ psum, float* __restrict__ psq, int64_t M, int64_t C, int64_t S,
+                             int64_t rows_per_split) {
+  using T = Tile<CL>;
+  __shared__ float scratch[2][kThreads];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * T::CHANNELS + T::channel_lane();
+  const int64_t start = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t stop = min(start + rows_per_split, M);
+  float sum = 0.f, sum_sq = 0.f;
+  if (c < C) {
+    const float s = shift[c];
+    for (int64_t row = start + T::row_lane(); row < stop; row += T::ROW_LANES) {
+      float d = static_cast<float>(x[T::offset(row, c, C, S)]) - s;
+      sum += d;
+      sum_sq += d * d;
+    }
+  }
+  reduce_rows<CL>(sum, sum_sq, scratch);
+  if (c < C && T::row_lane() == 0) {
+    psum[blockIdx.y * C + c] = sum;
+    psq[blockIdx.y * C + c] = sum_sq;
+  }
+}
+
+template <typename stat_t>
+__global__ void finalize_forward_kernel(const float* __restrict__ psum, const float* __restrict__ psq,
+                                        const float* __restrict__ shift, const float* __restrict__ weight,
+                                        const float* __restrict__ bias, stat_t* running_mean, stat_t* running_var,
+                                        float* __restrict__ mean_out, float* __restrict__ invstd_out,
+                                        float* __restrict__ scale_out, float* __restrict__ offset_out, int splits,
+                                        int64_t C, int64_t M, float momentum, float eps, bool training) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  float mean, var;
+  if (training) {
+    float total = 0.f, total_sq = 0.f;
+    for (int s = 0; s < splits; ++s) {
+      total += psum[s * C + c];
+      total_sq += psq[s * C + c];
+    }
+    const float shifted_mean = total / M;
+    var = fmaxf(total_sq / M - shifted_mean * shifted_mean, 0.f);
+    mean = shifted_mean + shift[c];
+    if (running_mean != nullptr) {
+      const float unbiased = var * (static_cast<float>(M) / static_cast<float>(M > 1 ? M - 1 : 1));
+      running_mean[c] = static_cast<stat_t>((1.f - momentum) * static_cast<float>(running_mean[c]) + momentum * mean);
+      running_var[c] = static_cast<stat_t>((1.f - momentum) * static_cast<float>(running_var[c]) + momentum * unbiased);
+    }
+  } else {
+    mean = static_cast<float>(running_mean[c]);
+    var = static_cast<float>(running_var[c]);
+  }
+  const float invstd = rsqrtf(var + eps);
+  const float scale = weight[c] * invstd;
+  mean_out[c] = mean;
+  invstd_out[c] = invstd;
+  scale_out[c] = scale;
+  offset_out[c] = bias[c] - mean * scale;
+}
+
+template <typename scalar_t>
+__global__ void apply_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
+                                     scalar_t* __restrict__ y, const float* __restrict__ scale,
+                                     const float* __restrict__ offset, int64_t elements, int64_t C, int64_t S,
+                                     bool channels_last, bool relu) {
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < elements;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = channels_last ? e % C : (e / S) % C;
+    float v = static_cast<float>(x[e]) * scale[c] + offset[c];
+    if (residual != nullptr) v += static_cast<float>(residual[e]);
+    y[e] = static_cast<scalar_t>(relu ? fmaxf(v, 0.f) : v);
+  }
+}
+
+template <typename scalar_t, bool CL>
+__global__ void backward_reduce_kernel(const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ y,
+                                       const scalar_t* __restrict__ x, const float* __restrict__ mean,
+                                       scalar_t* __restrict__ masked_grad, float* __restrict__ psum,
+                                       float* __restrict__ psumx, int64_t M, int64_t C, int64_t S,
+                                       int64_t rows_per_split, bool relu) {
+  using T = Tile<CL>;
+  __shared__ float scratch[2][kThreads];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * T::CHANNELS + T::channel_lane();
+  const int64_t start = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t stop = min(start + rows_per_split, M);
+  float sum = 0.f, sum_x = 0.f;
+  if (c < C) {
+    const float m = mean[c];
+    for (int64_t row = start + T::row_lane(); row < stop; row += T::ROW_LANES) {
+      const int64_t o = T::offset(row, c, C, S);
+      float g = static_cast<float>(grad_y[o]);
+      if (relu && static_cast<float>(y[o]) <= 0.f) g = 0.f;
+      if (masked_grad != nullptr) masked_grad[o] = static_cast<scalar_t>(g);
+      sum += g;
+      sum_x += g * (static_cast<float>(x[o]) - m);
+    }
+  }
+  reduce_rows<CL>(sum, sum_x, scratch);
+  if (c < C && T::row_lane() == 0) {
+    psum[blockIdx.y * C + c] = sum;
+    psumx[blockIdx.y * C + c] = sum_x;
+  }
+}
+
+__global__ void finalize_backward_kernel(const float* __restrict__ psum, const float* __restrict__ psumx,
+                                         const float* __restrict__ mean, const float* __restrict__ invstd,
+                                         const float* __restrict__ weight, float* __restrict__ dweight,
+                                         float* __restrict__ dbias, float* __restrict__ k_g, float* __restrict__ k_x,
+                                         float* __restrict__ k_0, int splits, int64_t C, int64_t M, bool training) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  float sum_g = 0.f, sum_gx = 0.f;
+  for (int s = 0; s < splits; ++s) {
+    sum_g += psum[s * C + c];
+    sum_gx += psumx[s * C + c];
+  }
+  const float is = invstd[c];
+  const float sum_g_xhat = sum_gx * is;
+  const float kg = weight[c] * is;
+  dweight[c] = sum_g_xhat;
+  dbias[c] = sum_g;
+  k_g[c] = kg;
+  // dx = k_g * (g - sum_g / M - xhat * sum_g_xhat / M), xhat = (x - mean) * invstd
+  const float kx = training ? -kg * is * sum_g_xhat / M : 0.f;
+  k_x[c] = kx;
+  k_0[c] = training ? -kg * sum_g / M - kx * mean[c] : 0.f;
+}
+
+template <typename scalar_t>
+__global__ void apply_backward_kernel(const scalar_t* __restrict__ g_in, const scalar_t* __restrict__ y,
+                                      const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
+                                      const float* __restrict__ k_g, const float* __restrict__ k_x,
+                                      const float* __restrict__ k_0, int64_t elements, int64_t C, int64_t S,
+                                      bool channels_last, bool apply_mask) {
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < elements;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = channels_last ? e % C : (e / S) % C;
+    float g = static_cast<float>(g_in[e]);
+    if (apply_mask && static_cast<float>(y[e]) <= 0.f) g = 0.f;
+    dx[e] = static_cast<scalar_t>(g * k_g[c] + static_cast<float>(x[e]) * k_x[c] + k_0[c]);
+  }
+}
+
+struct Geometry {
+  int64_t rows, channels, pixels, elements;
+  bool channels_last;
+  int splits;
+  int64_t rows_per_split;
+  dim3 reduce_grid;
+};
+
+Geometry geometry(const at::Tensor& x) {
+  Geometry g;
+  g.channels = x.size(1);
+  g.pixels = x.size(2) * x.size(3);
+  g.elements = x.numel();
+  g.rows = g.channels > 0 ? g.elements / g.channels : 0;
+  g.channels_last = is_channels_last(x);
+  const int64_t tile_channels = g.channels_last ? Tile<true>::CHANNELS : Tile<false>::CHANNELS;
+  const int64_t channel_blocks = (g.channels + tile_channels - 1) / tile_channels;
+  // About four blocks per SM of a large GPU, each taking at least 64 rows per lane.
+  int64_t splits = std::max<int64_t>(1, std::min<int64_t>({kMaxSplits, (1024 + channel_blocks - 1) / channel_blocks,
+                                                           (g.rows + 64 * 32 - 1) / (64 * 32)}));
+  g.rows_per_split = (g.rows + splits - 1) / splits;
+  g.splits = static_cast<int>(g.rows_per_split > 0 ? (g.rows + g.rows_per_split - 1) / g.rows_per_split : 1);
+  g.reduce_grid = dim3(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(g.splits));
+  return g;
+}
+
+unsigned elementwise_blocks(int64_t elements) {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((elements + kThreads - 1) / kThreads, int64_t{sms} * 16)));
+}
+
+unsigned channel_blocks(int64_t channels) { return static_cast<unsigned>((channels + kThreads - 1) / kThreads); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, bool training, double momentum, double eps, bool relu) {
+  check_bn_act_forward(x, weight, bias, residual, running_mean, running_var, training);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Geometry geo = geometry(x);
+  const auto f32 = x.options().dtype(at::kFloat);
+  auto y = at::empty_like(x);
+  auto mean = at::empty({geo.channels}, f32), invstd = at::empty({geo.channels}, f32);
+  if (geo.elements == 0) {
+    mean.fill_(NAN);
+    invstd.fill_(NAN);
+    return {y, mean, invstd};
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto scale = at::empty({geo.channels}, f32), offset = at::empty({geo.channels}, f32);
+  auto w = weight.to(at::kFloat).contiguous(), b = bias.to(at::kFloat).contiguous();
+  auto shift = at::empty({geo.channels}, f32), psum = at::empty({geo.splits, geo.channels}, f32);
+  auto psq = at::empty({geo.splits, geo.channels}, f32);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_forward", [&] {
+    if (training) {
+      shift.copy_(x.select(0, 0).select(1, 0).select(1, 0));
+      if (geo.channels_last) {
+        stats_kernel<scalar_t, true><<<geo.reduce_grid, kThreads, 0, stream>>>(
+            x.data_ptr<scalar_t>(), shift.data_ptr<float>(), psum.data_ptr<float>(), psq.data_ptr<float>(),
+            geo.rows, geo.channels, geo.pixels, geo.rows_per_split);
+      } else {
+        stats_kernel<scalar_t, false><<<geo.reduce_grid, kThreads, 0, stream>>>(
+            x.data_ptr<scalar_t>(), shift.data_ptr<float>(), psum.data_ptr<float>(), psq.data_ptr<float>(),
+            geo.rows, geo.channels, geo.pixels, geo.rows_per_split);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  // Running statistics are updated in their own dtype; a non-float32 pair goes through a float32 copy.
+  std::optional<at::Tensor> rm, rv;
+  if (running_mean.has_value()) {
+    rm = running_mean->scalar_type() == at::kFloat && running_mean->is_contiguous() ? *running_mean
+                                                                                    : running_mean->to(at::kFloat).contiguous();
+    rv = running_var->scalar_type() == at::kFloat && running_var->is_contiguous() ? *running_var
+                                                                                  : running_var->to(at::kFloat).contiguous();
+  }
+  finalize_forward_kernel<float><<<channel_blocks(geo.channels), kThreads, 0, stream>>>(
+      psum.data_ptr<float>(), psq.data_ptr<float>(), shift.data_ptr<float>(), w.data_ptr<float>(),
+      b.data_ptr<float>(), rm ? rm->data_ptr<float>() : nullptr, rv ? rv->data_ptr<float>() : nullptr,
+      mean.data_ptr<float>(), invstd.data_ptr<float>(), scale.data_ptr<float>(), offset.data_ptr<float>(),
+      training ? geo.splits : 0, geo.channels, geo.rows, static_cast<float>(momentum), static_cast<float>(eps),
+      training);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (training && running_mean.has_value() && !rm->is_same(*running_mean)) running_mean->copy_(*rm);
+  if (training && running_var.has_value() && !rv->is_same(*running_var)) running_var->copy_(*rv);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_apply", [&] {
+    apply_forward_kernel<scalar_t><<<elementwise_blocks(geo.elements), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr,
+        y.data_ptr<scalar_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), geo.elements, geo.channels,
+        geo.pixels, geo.channels_last, relu);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {y, mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
+    const at::Tensor& mean, const at::Tensor& invstd, bool training, bool relu, bool write_masked_grad) {
+  check_bn_act_backward(grad_y, x, y, weight, mean, invstd);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Geometry geo = geometry(x);
+  const auto f32 = x.options().dtype(at::kFloat);
+  auto dx = at::empty_like(x);
+  auto masked = write_masked_grad ? at::empty_like(x) : x.new_empty({0});
+  auto dweight = at::zeros({geo.channels}, f32), dbias = at::zeros({geo.channels}, f32);
+  if (geo.elements == 0) return {dx, dweight, dbias, masked};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto psum = at::empty({geo.splits, geo.channels}, f32), psumx = at::empty({geo.splits, geo.channels}, f32);
+  auto k_g = at::empty({geo.channels}, f32), k_x = at::empty({geo.channels}, f32);
+  auto k_0 = at::empty({geo.channels}, f32);
+  auto w = weight.to(at::kFloat).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward", [&] {
+    scalar_t* masked_ptr = write_masked_grad ? masked.data_ptr<scalar_t>() : nullptr;
+    if (geo.channels_last) {
+      backward_reduce_kernel<scalar_t, true><<<geo.reduce_grid, kThreads, 0, stream>>>(
+          grad_y.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), mean.data_ptr<float>(),
+          masked_ptr, psum.data_ptr<float>(), psumx.data_ptr<float>(), geo.rows, geo.channels, geo.pixels,
+          geo.rows_per_split, relu);
+    } else {
+      backward_reduce_kernel<scalar_t, false><<<geo.reduce_grid, kThreads, 0, stream>>>(
+          grad_y.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), mean.data_ptr<float>(),
+          masked_ptr, psum.data_ptr<float>(), psumx.data_ptr<float>(), geo.rows, geo.channels, geo.pixels,
+          geo.rows_per_split, relu);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    finalize_backward_kernel<<<channel_blocks(geo.channels), kThreads, 0, stream>>>(
+        psum.data_ptr<float>(), psumx.data_ptr<float>(), mean.data_ptr<float>(), invstd.data_ptr<float>(),
+        w.data_ptr<float>(), dweight.data_ptr<float>(), dbias.data_ptr<float>(), k_g.data_ptr<float>(),
+        k_x.data_ptr<float>(), k_0.data_ptr<float>(), geo.splits, geo.channels, geo.rows, training);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // When the masked gradient is already in memory, read it instead of grad_y and y.
+    apply_backward_kernel<scalar_t><<<elementwise_blocks(geo.elements), kThreads, 0, stream>>>(
+        write_masked_grad ? masked_ptr : grad_y.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+        x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), k_g.data_ptr<float>(), k_x.data_ptr<float>(),
+        k_0.data_ptr<float>(), geo.elements, geo.channels, geo.pixels, geo.channels_last,
+        relu && !write_masked_grad);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dx, dweight, dbias, masked};
+}
+
+}  // namespace
+}  // namespace engine
+
+TORCH_LIBRARY_IMPL(engine, CUDA, m) {
+  m.impl("bn_act_fwd_cuda", &engine::forward_cuda);
+  m.impl("bn_act_bwd_cuda", &engine::backward_cuda);
+}

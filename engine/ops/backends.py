@@ -1,0 +1,77 @@
+"""What this machine can run: Triton (GPU, or its CPU interpreter for tests) and the
+compiled extension engine._C. Each function returns None when usable, else a reason."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_status() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # an absent or broken install must not break `import engine`
+        return f"triton is not importable ({type(e).__name__}: {e})"
+    if not torch.cuda.is_available() and not triton_interpreting():
+        return "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors, for testing)"
+    return None
+
+
+def triton_accepts(*tensors: torch.Tensor, forced: bool) -> Optional[str]:
+    devices = {t.device.type for t in tensors if t is not None}
+    if devices == {"cuda"}:
+        return None
+    if devices == {"cpu"} and triton_interpreting():
+        if forced:
+            return None
+        return "CPU tensors run only in Triton's interpreter, which is for testing: force backend='triton' to use it"
+    return f"needs CUDA tensors, got {sorted(devices)}"
+
+
+_EXT_ERROR: Optional[str] = None
+
+
+@functools.lru_cache(maxsize=None)
+def load_extension():
+    """engine._C, or None with the reason kept for `extension_status`."""
+    global _EXT_ERROR
+    if os.environ.get("ENGINE_SKIP_EXT") == "1":
+        _EXT_ERROR = "ENGINE_SKIP_EXT=1 is set"
+        return None
+    try:
+        from engine import _C
+    except ImportError as e:
+        _EXT_ERROR = (f"engine._C is not built ({e}); build it with "
+                      "`pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`")
+        return None
+    return _C
+
+
+def extension_status() -> Optional[str]:
+    return _EXT_ERROR if load_extension() is None else None
+
+
+def extension_has_cuda() -> bool:
+    ext = load_extension()
+    return ext is not None and bool(ext.built_with_cuda())
+
+
+def cuda_ext_accepts(*tensors: torch.Tensor, forced: bool) -> Optional[str]:
+    """The `cuda` backend runs its CUDA kernels on CUDA tensors; its C++ CPU loop, which
+    shares the argument checks and the arithmetic plan, runs on CPU tensors only when forced."""
+    devices = {t.device.type for t in tensors if t is not None}
+    if devices == {"cuda"}:
+        if not extension_has_cuda():
+            return "engine._C was built without CUDA sources (no CUDA toolkit or CPU-only torch at build time)"
+        return None
+    if devices == {"cpu"}:
+        return None if forced else "CPU tensors: ATen's native kernels (reference) are faster than the C++ fallback loop"
+    return f"needs CUDA or CPU tensors on one device, got {sorted(devices)}"

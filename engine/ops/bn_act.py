@@ -1,0 +1,196 @@
+"""bn_act: batch normalisation, then an optional residual add, then an optional ReLU,
+in two passes over memory forward (statistics, apply) and two backward.
+
+    y = relu?(batch_norm(x) + residual?)
+
+Arguments follow `torch.nn.functional.batch_norm`. In training the batch statistics
+normalise x and update the running statistics in place (unbiased variance, as torch);
+in eval the running statistics are used. Backward saves x and y (y's sign gives the
+ReLU mask) plus two per-channel vectors; residual's gradient is the masked output
+gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from engine.ops import backends
+from engine.ops.dispatch import define
+
+FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def memory_format_of(x: Tensor) -> Optional[torch.memory_format]:
+    """The dense layout of a 4-D tensor the fused kernels can walk, else None."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None
+
+
+def check_inputs(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                 weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
+                 residual: Optional[Tensor]) -> None:
+    """Errors every backend shares, raised before any work."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"bn_act: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"bn_act: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"bn_act: x must be a floating-point tensor, got {x.dtype}")
+    channels = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != channels:
+            raise ValueError(f"bn_act: {name} must have shape [{channels}] (x has {channels} channels), "
+                             f"got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"bn_act: {name} must be floating point, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"bn_act: {name} is on {t.device} but x is on {x.device}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("bn_act: pass both running_mean and running_var, or neither")
+    if not training and running_mean is None:
+        raise ValueError("bn_act: eval mode (training=False) needs running_mean and running_var")
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"bn_act: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype or residual.device != x.device:
+            raise TypeError(f"bn_act: residual must be {x.dtype} on {x.device} like x, "
+                            f"got {residual.dtype} on {residual.device}")
+    if training and x.numel() > 0 and x.numel() // channels == 1:
+        raise ValueError(f"bn_act: training needs more than 1 value per channel, got x of shape {tuple(x.shape)}")
+
+
+def bn_act_reference(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                     weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+                     momentum: float = 0.1, eps: float = 1e-5, residual: Optional[Tensor] = None,
+                     relu: bool = False) -> Tensor:
+    """The specification: torch's batch norm, add and ReLU, one after the other."""
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y
+
+
+def _fused_supports(accepts):
+    def supports(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
+                 residual=None, relu=False, *, forced):
+        if x.dtype not in FAST_DTYPES:
+            return f"x dtype {x.dtype} is not one of float32, float16, bfloat16"
+        if memory_format_of(x) is None:
+            return f"x must be contiguous in NCHW or channels_last layout, got strides {x.stride()}"
+        if residual is not None and memory_format_of(residual) is None:
+            return f"residual must be contiguous in NCHW or channels_last layout, got strides {residual.stride()}"
+        return accepts(x, running_mean, running_var, weight, bias, residual, forced=forced)
+    return supports
+
+
+class _BnActFunction(torch.autograd.Function):
+    """Autograd for the fused backends; `kernels` is the backend's namespace with
+    `forward(...) -> (y, mean, invstd)` and `backward(...) -> (dx, dweight, dbias, masked_grad)`,
+    masked_grad being the ReLU-masked output gradient when asked for (a residual's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu, kernels):
+        fmt = memory_format_of(x)
+        if residual is not None:
+            residual = residual.contiguous(memory_format=fmt)
+        y, mean, invstd = kernels.forward(x, weight, bias, residual, running_mean, running_var,
+                                          training, momentum, eps, relu)
+        ctx.save_for_backward(x, y, weight, mean, invstd)
+        ctx.flags = (training, relu, residual is not None, fmt, kernels)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, y, weight, mean, invstd = ctx.saved_tensors
+        training, relu, has_residual, fmt, kernels = ctx.flags
+        grad_y = grad_y.contiguous(memory_format=fmt)
+        dx, dweight, dbias, masked_grad = kernels.backward(grad_y, x, y, weight, mean, invstd,
+                                                           training, relu, has_residual and relu)
+        dresidual = None
+        if has_residual:
+            dresidual = masked_grad if relu else grad_y
+        return (dx, dweight.to(weight.dtype), dbias.to(weight.dtype), dresidual,
+                None, None, None, None, None, None, None)
+
+
+def _fused(kernels):
+    def run(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
+            residual=None, relu=False):
+        channels = x.shape[1]
+        # The kernels always take an affine pair; identity parameters cost two [C] vectors.
+        if weight is None:
+            weight = torch.ones(channels, device=x.device, dtype=torch.float32)
+        if bias is None:
+            bias = torch.zeros(channels, device=x.device, dtype=weight.dtype)
+        return _BnActFunction.apply(x, weight, bias, residual, running_mean, running_var,
+                                    bool(training), float(momentum), float(eps), bool(relu), kernels)
+    return run
+
+
+def _triton_available():
+    return backends.triton_status()
+
+
+def _triton_kernels():
+    from engine.kernels import bn_act as triton_bn_act
+    return triton_bn_act
+
+
+def _cuda_kernels():
+    from engine.ops import _cuda_bn_act
+    return _cuda_bn_act
+
+
+bn_act_op = define("bn_act")
+bn_act_op.register("reference", bn_act_reference)
+bn_act_op.register("triton", lambda *a, **k: _fused(_triton_kernels())(*a, **k),
+                   available=_triton_available, supports=_fused_supports(
+                       lambda *ts, forced: backends.triton_accepts(*ts, forced=forced)))
+bn_act_op.register("cuda", lambda *a, **k: _fused(_cuda_kernels())(*a, **k),
+                   available=backends.extension_status, supports=_fused_supports(
+                       lambda *ts, forced: backends.cuda_ext_accepts(*ts, forced=forced)))
+
+
+def bn_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+           weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+           momentum: float = 0.1, eps: float = 1e-5, residual: Optional[Tensor] = None, relu: bool = False,
+           *, backend: Optional[str] = None) -> Tensor:
+    """Batch norm (+ residual) (+ ReLU). See the module docstring; `backend` forces one."""
+    check_inputs(x, running_mean, running_var, weight, bias, training, residual)
+    return bn_act_op(x, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu,
+                     backend=backend)
+
+
+class BatchNormAct2d(torch.nn.BatchNorm2d):
+    """nn.BatchNorm2d whose forward also adds a residual and applies ReLU through bn_act.
+
+    Its parameters and buffers are BatchNorm2d's, so state dicts are unchanged.
+    """
+
+    def __init__(self, num_features: int, relu: bool = True, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.relu = relu
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        training = self.training or not self.track_running_stats
+        momentum = self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_running = not self.training or self.track_running_stats
+        return bn_act(x, self.running_mean if use_running else None, self.running_var if use_running else None,
+                      self.weight, self.bias, training, momentum if momentum is not None else 0.0, self.eps,
+                      residual=residual, relu=self.relu)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", relu={self.relu}"

@@ -1,0 +1,1 @@
+"""Triton kernels, installed as engine.kernels. They depend on torch and triton only."""

@@ -1,0 +1,330 @@
+"""Triton kernels for bn_act: batch norm (+ residual) (+ ReLU), NCHW or NHWC.
+
+A 4-D activation is walked as M = N*H*W rows by C channels. In NHWC a row is C
+contiguous values; in NCHW a channel is H*W contiguous values per image, so the
+row index splits into (image, pixel). Forward: one reduction pass for per-channel
+statistics, a tiny finalise, one elementwise pass. Backward: one reduction pass,
+a tiny finalise, one elementwise pass. Statistics accumulate in fp32 on values
+shifted by each channel's first element, so E[x^2] - E[x]^2 does not cancel
+catastrophically when |mean| >> std.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M = 64
+BLOCK_C = 32
+# Row chunks per channel block in a reduction: enough programs to fill a GPU
+# without making the finalise sum long.
+MAX_SPLITS = 256
+
+
+@triton.jit
+def _offsets(rows, cols, C, S, CHANNELS_LAST: tl.constexpr):
+    if CHANNELS_LAST:
+        return rows[:, None] * C + cols[None, :]
+    image = rows // S
+    pixel = rows - image * S
+    return image[:, None] * (C * S) + cols[None, :] * S + pixel[:, None]
+
+
+@triton.jit
+def _stats_kernel(
+    X,      # [N, C, H, W] in either layout
+    SHIFT,  # [C] fp32
+    PSUM,   # [splits, C] fp32
+    PSQ,    # [splits, C] fp32
+    M, C, S, rows_per_split,
+    CHANNELS_LAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    shift = tl.load(SHIFT + cols, mask=col_ok, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    acc_sq = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    row_start = split * rows_per_split
+    row_stop = tl.minimum(row_start + rows_per_split, M)
+    for r in range(row_start, row_stop, BLOCK_M):
+        rows = r + tl.arange(0, BLOCK_M)
+        ok = (rows < row_stop)[:, None] & col_ok[None, :]
+        x = tl.load(X + _offsets(rows, cols, C, S, CHANNELS_LAST), mask=ok, other=0.0).to(tl.float32)
+        d = tl.where(ok, x - shift[None, :], 0.0)
+        acc += d
+        acc_sq += d * d
+    tl.store(PSUM + split * C + cols, tl.sum(acc, axis=0), mask=col_ok)
+    tl.store(PSQ + split * C + cols, tl.sum(acc_sq, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _finalize_fwd_kernel(
+    PSUM, PSQ,        # [splits, C] fp32
+    SHIFT,            # [C] fp32
+    W, B,             # [C]
+    RMEAN, RVAR,      # [C], updated in place when TRAINING and HAS_RUNNING
+    MEAN, INVSTD,     # [C] fp32 out
+    SCALE, OFFSET,    # [C] fp32 out: y = x * SCALE + OFFSET
+    splits, C, M, momentum, eps,
+    TRAINING: tl.constexpr, HAS_RUNNING: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < C
+    if TRAINING:
+        total = tl.zeros((BLOCK_C,), tl.float32)
+        total_sq = tl.zeros((BLOCK_C,), tl.float32)
+        for s in range(0, splits):
+            total += tl.load(PSUM + s * C + cols, mask=ok, other=0.0)
+            total_sq += tl.load(PSQ + s * C + cols, mask=ok, other=0.0)
+        shifted_mean = total / M
+        var = tl.maximum(total_sq / M - shifted_mean * shifted_mean, 0.0)
+        mean = shifted_mean + tl.load(SHIFT + cols, mask=ok, other=0.0)
+        if HAS_RUNNING:
+            rm = tl.load(RMEAN + cols, mask=ok, other=0.0).to(tl.float32)
+            rv = tl.load(RVAR + cols, mask=ok, other=0.0).to(tl.float32)
+            unbiased = var * (M / tl.maximum(M - 1.0, 1.0))
+            tl.store(RMEAN + cols, ((1.0 - momentum) * rm + momentum * mean).to(RMEAN.dtype.element_ty), mask=ok)
+            tl.store(RVAR + cols, ((1.0 - momentum) * rv + momentum * unbiased).to(RVAR.dtype.element_ty), mask=ok)
+    else:
+        mean = tl.load(RMEAN + cols, mask=ok, other=0.0).to(tl.float32)
+        var = tl.load(RVAR + cols, mask=ok, other=1.0).to(tl.float32)
+    invstd = 1.0 / tl.sqrt(var + eps)
+    scale = tl.load(W + cols, mask=ok, other=1.0).to(tl.float32) * invstd
+    tl.store(MEAN + cols, mean, mask=ok)
+    tl.store(INVSTD + cols, invstd, mask=ok)
+    tl.store(SCALE + cols, scale, mask=ok)
+    tl.store(OFFSET + cols, tl.load(B + cols, mask=ok, other=0.0).to(tl.float32) - mean * scale, mask=ok)
+
+
+@triton.jit
+def _apply_fwd_kernel(
+    X,              # [N, C, H, W]
+    RES,            # [N, C, H, W], same layout as X (unused unless HAS_RESIDUAL)
+    Y,              # [N, C, H, W] out, same layout as X
+    SCALE, OFFSET,  # [C] fp32
+    M, C, S,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    ok = (rows < M)[:, None] & col_ok[None, :]
+    offs = _offsets(rows, cols, C, S, CHANNELS_LAST)
+    x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + cols, mask=col_ok, other=0.0)
+    offset = tl.load(OFFSET + cols, mask=col_ok, other=0.0)
+    y = x * scale[None, :] + offset[None, :]
+    if HAS_RESIDUAL:
+        y += tl.load(RES + offs, mask=ok, other=0.0).to(tl.float32)
+    if RELU:
+        y = tl.maximum(y, 0.0)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _bwd_reduce_kernel(
+    GY,            # [N, C, H, W] gradient of y
+    Y,             # [N, C, H, W] forward output (ReLU mask)
+    X,             # [N, C, H, W] forward input
+    MEAN,          # [C] fp32
+    GRES,          # [N, C, H, W] out: ReLU-masked gradient, the residual's gradient (when WRITE_GRES)
+    PSUM, PSUMX,   # [splits, C] fp32: sum of g, sum of g * (x - mean)
+    M, C, S, rows_per_split,
+    RELU: tl.constexpr, WRITE_GRES: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    mean = tl.load(MEAN + cols, mask=col_ok, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    acc_x = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    row_start = split * rows_per_split
+    row_stop = tl.minimum(row_start + rows_per_split, M)
+    for r in range(row_start, row_stop, BLOCK_M):
+        rows = r + tl.arange(0, BLOCK_M)
+        ok = (rows < row_stop)[:, None] & col_ok[None, :]
+        offs = _offsets(rows, cols, C, S, CHANNELS_LAST)
+        g = tl.load(GY + offs, mask=ok, other=0.0).to(tl.float32)
+        if RELU:
+            y = tl.load(Y + offs, mask=ok, other=0.0).to(tl.float32)
+            g = tl.where(y > 0.0, g, 0.0)
+        if WRITE_GRES:
+            tl.store(GRES + offs, g.to(GRES.dtype.element_ty), mask=ok)
+        x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+        acc += g
+        acc_x += tl.where(ok, g * (x - mean[None, :]), 0.0)
+    tl.store(PSUM + split * C + cols, tl.sum(acc, axis=0), mask=col_ok)
+    tl.store(PSUMX + split * C + cols, tl.sum(acc_x, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _finalize_bwd_kernel(
+    PSUM, PSUMX,       # [splits, C] fp32
+    MEAN, INVSTD, W,   # [C]
+    DW, DB,            # [C] fp32 out
+    K_G, K_X, K_0,     # [C] fp32 out: dx = g * K_G + x * K_X + K_0
+    splits, C, M,
+    TRAINING: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < C
+    sum_g = tl.zeros((BLOCK_C,), tl.float32)
+    sum_gx = tl.zeros((BLOCK_C,), tl.float32)
+    for s in range(0, splits):
+        sum_g += tl.load(PSUM + s * C + cols, mask=ok, other=0.0)
+        sum_gx += tl.load(PSUMX + s * C + cols, mask=ok, other=0.0)
+    invstd = tl.load(INVSTD + cols, mask=ok, other=0.0)
+    mean = tl.load(MEAN + cols, mask=ok, other=0.0)
+    k_g = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32) * invstd
+    sum_g_xhat = sum_gx * invstd
+    tl.store(DW + cols, sum_g_xhat, mask=ok)
+    tl.store(DB + cols, sum_g, mask=ok)
+    if TRAINING:
+        # dx = k_g * (g - sum_g / M - xhat * sum_g_xhat / M), xhat = (x - mean) * invstd
+        k_x = -k_g * invstd * sum_g_xhat / M
+        k_0 = -k_g * sum_g / M - k_x * mean
+    else:
+        k_x = tl.zeros((BLOCK_C,), tl.float32)
+        k_0 = tl.zeros((BLOCK_C,), tl.float32)
+    tl.store(K_G + cols, k_g, mask=ok)
+    tl.store(K_X + cols, k_x, mask=ok)
+    tl.store(K_0 + cols, k_0, mask=ok)
+
+
+@triton.jit
+def _apply_bwd_kernel(
+    G,                # [N, C, H, W] gradient of y, or the already masked gradient when MASKED
+    Y,                # [N, C, H, W] forward output (used when RELU and not MASKED)
+    X,                # [N, C, H, W] forward input
+    DX,               # [N, C, H, W] out
+    K_G, K_X, K_0,    # [C] fp32
+    M, C, S,
+    RELU: tl.constexpr, MASKED: tl.constexpr, TRAINING: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    ok = (rows < M)[:, None] & col_ok[None, :]
+    offs = _offsets(rows, cols, C, S, CHANNELS_LAST)
+    g = tl.load(G + offs, mask=ok, other=0.0).to(tl.float32)
+    if RELU and not MASKED:
+        y = tl.load(Y + offs, mask=ok, other=0.0).to(tl.float32)
+        g = tl.where(y > 0.0, g, 0.0)
+    dx = g * tl.load(K_G + cols, mask=col_ok, other=0.0)[None, :]
+    if TRAINING:
+        x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+        dx += x * tl.load(K_X + cols, mask=col_ok, other=0.0)[None, :]
+        dx += tl.load(K_0 + cols, mask=col_ok, other=0.0)[None, :]
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
+
+
+def _geometry(x: torch.Tensor):
+    n, c, h, w = x.shape
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return n * h * w, c, h * w, channels_last
+
+
+def _splits(m: int, c: int) -> tuple[int, int]:
+    c_blocks = triton.cdiv(c, BLOCK_C)
+    # Enough (channel block, split) programs to keep every SM busy, each at least a tile of rows.
+    splits = max(1, min(MAX_SPLITS, triton.cdiv(m, BLOCK_M), triton.cdiv(1024, c_blocks)))
+    rows_per_split = triton.cdiv(triton.cdiv(m, splits), BLOCK_M) * BLOCK_M
+    return triton.cdiv(m, rows_per_split), rows_per_split
+
+
+def _forward_impl(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu, y):
+    m, c, s, channels_last = _geometry(x)
+    dev = x.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    mean, invstd = torch.empty(c, **f32), torch.empty(c, **f32)
+    scale, offset = torch.empty(c, **f32), torch.empty(c, **f32)
+    if m == 0:
+        mean.fill_(float("nan"))
+        invstd.fill_(float("nan"))
+        return mean, invstd
+    has_running = running_mean is not None
+    c_grid = triton.cdiv(c, BLOCK_C)
+    if training:
+        splits, rows_per_split = _splits(m, c)
+        shift = x[0, :, 0, 0].float().contiguous()
+        psum, psq = torch.empty(splits, c, **f32), torch.empty(splits, c, **f32)
+        _stats_kernel[(c_grid, splits)](x, shift, psum, psq, m, c, s, rows_per_split,
+                                        CHANNELS_LAST=channels_last, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+    else:
+        splits, shift, psum, psq = 0, mean, mean, mean
+    rm = running_mean if has_running else mean
+    rv = running_var if has_running else mean
+    _finalize_fwd_kernel[(c_grid,)](psum, psq, shift, weight, bias, rm, rv, mean, invstd, scale, offset,
+                                    splits, c, float(m), momentum, eps,
+                                    TRAINING=training, HAS_RUNNING=has_running, BLOCK_C=BLOCK_C)
+    _apply_fwd_kernel[(triton.cdiv(m, BLOCK_M), c_grid)](
+        x, residual if residual is not None else x, y, scale, offset, m, c, s,
+        HAS_RESIDUAL=residual is not None, RELU=relu, CHANNELS_LAST=channels_last,
+        BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+    return mean, invstd
+
+
+@torch.library.custom_op("engine::bn_act_fwd_triton", mutates_args=("running_mean", "running_var"))
+def bn_act_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None,
+                      running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
+                      momentum: float, eps: float, relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y = torch.empty_like(x)
+    mean, invstd = _forward_impl(x, weight, bias, residual, running_mean, running_var,
+                                 training, momentum, eps, relu, y)
+    return y, mean, invstd
+
+
+@bn_act_fwd_triton.register_fake
+def _(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu):
+    c = x.shape[1]
+    return (torch.empty_like(x), x.new_empty(c, dtype=torch.float32), x.new_empty(c, dtype=torch.float32))
+
+
+@torch.library.custom_op("engine::bn_act_bwd_triton", mutates_args=())
+def bn_act_bwd_triton(grad_y: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                      mean: torch.Tensor, invstd: torch.Tensor, training: bool, relu: bool,
+                      write_masked_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    m, c, s, channels_last = _geometry(x)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dx = torch.empty_like(x)
+    gres = torch.empty_like(x) if write_masked_grad else x.new_empty(0)
+    dweight, dbias = torch.zeros(c, **f32), torch.zeros(c, **f32)
+    if m == 0:
+        return dx, dweight, dbias, gres
+    splits, rows_per_split = _splits(m, c)
+    c_grid = triton.cdiv(c, BLOCK_C)
+    psum, psumx = torch.empty(splits, c, **f32), torch.empty(splits, c, **f32)
+    _bwd_reduce_kernel[(c_grid, splits)](grad_y, y, x, mean, gres if write_masked_grad else dx, psum, psumx,
+                                         m, c, s, rows_per_split, RELU=relu, WRITE_GRES=write_masked_grad,
+                                         CHANNELS_LAST=channels_last, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+    k_g, k_x, k_0 = torch.empty(c, **f32), torch.empty(c, **f32), torch.empty(c, **f32)
+    _finalize_bwd_kernel[(c_grid,)](psum, psumx, mean, invstd, weight, dweight, dbias, k_g, k_x, k_0,
+                                    splits, c, float(m), TRAINING=training, BLOCK_C=BLOCK_C)
+    # When the masked gradient is already in memory, read it instead of grad_y and y.
+    _apply_bwd_kernel[(triton.cdiv(m, BLOCK_M), c_grid)](
+        gres if write_masked_grad else grad_y, y, x, dx, k_g, k_x, k_0, m, c, s,
+        RELU=relu, MASKED=write_masked_grad, TRAINING=training, CHANNELS_LAST=channels_last,
+        BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+    return dx, dweight, dbias, gres
+
+
+@bn_act_bwd_triton.register_fake
+def _(grad_y, x, y, weight, mean, invstd, training, relu, write_masked_grad):
+    c = x.shape[1]
+    return (torch.empty_like(x), x.new_empty(c, dtype=torch.float32), x.new_empty(c, dtype=torch.float32),
+            torch.empty_like(x) if write_masked_grad else x.new_empty(0))
+
+
+def forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu):
+    return bn_act_fwd_triton(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu)
+
+
+def backward(grad_y, x, y, weight, mean, invstd, training, relu, write_masked_grad):
+    return bn_act_bwd_triton(grad_y, x, y, weight, mean, invstd, training, relu, write_masked_grad)
