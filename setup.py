@@ -12,7 +12,7 @@ import os
 
 from setuptools import setup
 
-PACKAGES = ["engine", "engine.ops", "engine.models", "engine.kernels"]
+PACKAGES = ["engine", "engine.ops", "engine.models", "engine.data", "engine.kernels"]
 PACKAGE_DIR = {"engine.kernels": "kernels"}
 
 

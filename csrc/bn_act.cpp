@@ -34,8 +34,11 @@ void check_same_layout(const at::Tensor& t, const char* name, const at::Tensor& 
   TORCH_CHECK(t.sizes() == x.sizes(), "bn_act: ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device() == x.device(), "bn_act: ", name, " must be ",
               x.scalar_type(), " on ", x.device(), " like x, got ", t.scalar_type(), " on ", t.device());
-  TORCH_CHECK(t.strides() == x.strides(), "bn_act: ", name, " must have x's layout (strides ", x.strides(),
-              "), got ", t.strides());
+  // Strides of size-1 dimensions may differ; what matters is the order of elements in memory.
+  TORCH_CHECK((t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast)) &&
+                  is_channels_last(t) == is_channels_last(x),
+              "bn_act: ", name, " must have x's layout (", is_channels_last(x) ? "channels_last" : "NCHW",
+              ", strides ", x.strides(), "), got strides ", t.strides());
 }
 
 }  // namespace

@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "info": ("engine.info", "versions, devices and which op backends can run here"),
     "bench": ("engine.bench", "training-step throughput of a ResNeXt on synthetic input"),
+    "data": ("engine.data.cli", "build, synthesise and benchmark hashtag datasets"),
 }
 
 

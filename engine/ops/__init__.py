@@ -4,3 +4,10 @@ from engine.ops.bn_act import BatchNormAct2d, bn_act, bn_act_op, bn_act_referenc
 from engine.ops.dispatch import REGISTRY, BackendUnavailableError
 
 __all__ = ["BatchNormAct2d", "bn_act", "bn_act_op", "bn_act_reference", "REGISTRY", "BackendUnavailableError"]
+from engine.ops.hashtag_ce import hashtag_ce
+
+# Probe once, eagerly: torch.compile then reads the cached answers instead of tracing the probes.
+from engine.ops import backends as _backends  # noqa: E402
+
+_backends.triton_status()
+_backends.load_extension()

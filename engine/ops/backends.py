@@ -10,11 +10,24 @@ from typing import Optional
 import torch
 
 
+def _computed_once(fn):
+    """Caches a no-argument probe in a plain dict, which torch.compile reads without
+    the warning it gives for functools caches."""
+    cache: dict = {}
+
+    @functools.wraps(fn)
+    def probe():
+        if "value" not in cache:
+            cache["value"] = fn()
+        return cache["value"]
+    return probe
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@_computed_once
 def triton_status() -> Optional[str]:
     try:
         import triton  # noqa: F401
@@ -23,6 +36,12 @@ def triton_status() -> Optional[str]:
     if not torch.cuda.is_available() and not triton_interpreting():
         return "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors, for testing)"
     return None
+
+
+def triton_scope() -> str:
+    if torch.cuda.is_available():
+        return "CUDA tensors"
+    return "CPU tensors through the interpreter, when forced (testing only)"
 
 
 def triton_accepts(*tensors: torch.Tensor, forced: bool) -> Optional[str]:
@@ -39,7 +58,7 @@ def triton_accepts(*tensors: torch.Tensor, forced: bool) -> Optional[str]:
 _EXT_ERROR: Optional[str] = None
 
 
-@functools.lru_cache(maxsize=None)
+@_computed_once
 def load_extension():
     """engine._C, or None with the reason kept for `extension_status`."""
     global _EXT_ERROR
@@ -62,6 +81,15 @@ def extension_status() -> Optional[str]:
 def extension_has_cuda() -> bool:
     ext = load_extension()
     return ext is not None and bool(ext.built_with_cuda())
+
+
+def cuda_ext_scope() -> str:
+    cpu = "CPU tensors through its C++ loop, when forced"
+    if not extension_has_cuda():
+        return cpu + "; built without CUDA kernels"
+    if not torch.cuda.is_available():
+        return cpu + "; CUDA kernels compiled, no CUDA device to run them"
+    return "CUDA tensors; " + cpu
 
 
 def cuda_ext_accepts(*tensors: torch.Tensor, forced: bool) -> Optional[str]:

@@ -136,10 +136,6 @@ def _fused(kernels):
     return run
 
 
-def _triton_available():
-    return backends.triton_status()
-
-
 def _triton_kernels():
     from engine.kernels import bn_act as triton_bn_act
     return triton_bn_act
@@ -153,11 +149,11 @@ def _cuda_kernels():
 bn_act_op = define("bn_act")
 bn_act_op.register("reference", bn_act_reference)
 bn_act_op.register("triton", lambda *a, **k: _fused(_triton_kernels())(*a, **k),
-                   available=_triton_available, supports=_fused_supports(
-                       lambda *ts, forced: backends.triton_accepts(*ts, forced=forced)))
+                   available=backends.triton_status, scope=backends.triton_scope,
+                   supports=_fused_supports(backends.triton_accepts))
 bn_act_op.register("cuda", lambda *a, **k: _fused(_cuda_kernels())(*a, **k),
-                   available=backends.extension_status, supports=_fused_supports(
-                       lambda *ts, forced: backends.cuda_ext_accepts(*ts, forced=forced)))
+                   available=backends.extension_status, scope=backends.cuda_ext_scope,
+                   supports=_fused_supports(backends.cuda_ext_accepts))
 
 
 def bn_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

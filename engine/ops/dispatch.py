@@ -34,6 +34,8 @@ class Backend:
     # Whether it takes these particular inputs; `forced` lets a backend accept
     # inputs it would not be picked for automatically (e.g. Triton's CPU interpreter).
     supports: Callable[..., Optional[str]]
+    # What a usable backend runs on here, for `engine.info`.
+    scope: Callable[[], str]
 
 
 @dataclass
@@ -72,10 +74,10 @@ class Op:
         self._warned_missing: set[str] = set()
 
     def register(self, name: str, impl: Callable[..., Any], *, available: Callable[[], Optional[str]] = _always,
-                 supports: Check = lambda *a, **k: None) -> None:
+                 supports: Check = lambda *a, **k: None, scope: Callable[[], str] = lambda: "any device") -> None:
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-        self.backends[name] = Backend(name, impl, available, supports)
+        self.backends[name] = Backend(name, impl, available, supports, scope)
 
     def availability(self) -> dict[str, Optional[str]]:
         """Per backend: None if this machine can run it, else why not."""
@@ -84,6 +86,10 @@ class Op:
             b = self.backends.get(name)
             out[name] = "not implemented for this op" if b is None else b.available()
         return out
+
+    def scopes(self) -> dict[str, str]:
+        """Per usable backend: what it runs on here."""
+        return {name: self.backends[name].scope() for name, why in self.availability().items() if why is None}
 
     def _rejects(self, b: Backend, args, kwargs, forced: bool) -> Optional[str]:
         reason = b.available()

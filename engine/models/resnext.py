@@ -1,0 +1,187 @@
+"""ResNeXt as arguments (cardinality, base width, blocks per stage), with the block
+class passed in, so the fused bottleneck plugs in without touching the network.
+
+Module names, parameter and buffer shapes match torchvision's ResNet exactly
+(conv1, bn1, layer1.0.conv1 ... fc): torchvision, WSL-Images and timm
+`*.fb_wsl_ig1b_ft_in1k` state dicts load with no key mapping, in either mode.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Type, Union
+
+import torch
+from torch import Tensor, nn
+
+from engine.ops.bn_act import BatchNormAct2d
+
+
+def conv3x3(in_ch: int, out_ch: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, groups=groups, bias=False)
+
+
+def conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
+
+
+def bottleneck_width(planes: int, groups: int, base_width: int) -> int:
+    return int(planes * (base_width / 64.0)) * groups
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ResNet v1.5 bottleneck (stride on the grouped 3x3), plain PyTorch ops."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 groups: int = 1, base_width: int = 64):
+        super().__init__()
+        width = bottleneck_width(planes, groups, base_width)
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride, groups)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class FusedBottleneck(nn.Module):
+    """The same block with each batch norm, residual add and ReLU in one `bn_act` op."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 groups: int = 1, base_width: int = 64):
+        super().__init__()
+        width = bottleneck_width(planes, groups, base_width)
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = BatchNormAct2d(width, relu=True)
+        self.conv2 = conv3x3(width, width, stride, groups)
+        self.bn2 = BatchNormAct2d(width, relu=True)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = BatchNormAct2d(planes * self.expansion, relu=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.bn1(self.conv1(x))
+        out = self.bn2(self.conv2(out))
+        return self.bn3(self.conv3(out), residual=identity)
+
+
+Block = Union[Type[Bottleneck], Type[FusedBottleneck]]
+
+
+class ResNeXt(nn.Module):
+    """ResNet/ResNeXt trunk and classifier; `num_classes=0` leaves the trunk alone
+    (`fc` is then an identity and forward returns pooled features)."""
+
+    def __init__(self, block: Block, layers: list[int], groups: int = 32, width_per_group: int = 4,
+                 num_classes: int = 1000, zero_init_residual: bool = False,
+                 norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d, stem_norm: Optional[nn.Module] = None):
+        super().__init__()
+        if len(layers) != 4 or any(n < 1 for n in layers):
+            raise ValueError(f"layers must be 4 positive block counts, got {layers}")
+        if groups < 1 or width_per_group < 1:
+            raise ValueError(f"groups and width_per_group must be positive, got {groups}, {width_per_group}")
+        self.block = block
+        self.groups = groups
+        self.base_width = width_per_group
+        self.norm_layer = norm_layer
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        # The stem's norm + ReLU: a fused BatchNormAct2d, or BatchNorm2d followed by ReLU.
+        self.bn1 = stem_norm if stem_norm is not None else nn.BatchNorm2d(64)
+        self.relu = nn.Identity() if isinstance(self.bn1, BatchNormAct2d) else nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(64, layers[0])
+        self.layer2 = self._make_layer(128, layers[1], stride=2)
+        self.layer3 = self._make_layer(256, layers[2], stride=2)
+        self.layer4 = self._make_layer(512, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.num_features = 512 * block.expansion
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, (Bottleneck, FusedBottleneck)):
+                    nn.init.zeros_(m.bn3.weight)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * self.block.expansion:
+            downsample = nn.Sequential(conv1x1(self.inplanes, planes * self.block.expansion, stride),
+                                       self.norm_layer(planes * self.block.expansion))
+        layers = [self.block(self.inplanes, planes, stride, downsample, self.groups, self.base_width)]
+        self.inplanes = planes * self.block.expansion
+        layers += [self.block(self.inplanes, planes, groups=self.groups, base_width=self.base_width)
+                   for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.forward_features(x))
+
+
+def resnext(layers: list[int], groups: int, width_per_group: int, *, fused: bool = False, **kwargs) -> ResNeXt:
+    """A ResNeXt with plain PyTorch blocks, or with every BN/add/ReLU through `bn_act` when
+    `fused`; both have the same state dict."""
+    if fused:
+        return ResNeXt(FusedBottleneck, layers, groups, width_per_group,
+                       norm_layer=lambda c: BatchNormAct2d(c, relu=False),
+                       stem_norm=BatchNormAct2d(64, relu=True), **kwargs)
+    return ResNeXt(Bottleneck, layers, groups, width_per_group, **kwargs)
+
+
+# name -> (blocks per stage, cardinality, base width)
+ARCHITECTURES = {
+    "resnext50_32x4d": ([3, 4, 6, 3], 32, 4),
+    "resnext101_32x4d": ([3, 4, 23, 3], 32, 4),
+    "resnext101_32x8d": ([3, 4, 23, 3], 32, 8),
+    "resnext101_32x16d": ([3, 4, 23, 3], 32, 16),
+    "resnext101_32x32d": ([3, 4, 23, 3], 32, 32),
+    "resnext101_32x48d": ([3, 4, 23, 3], 32, 48),
+}
+
+
+def create_model(name: str, *, fused: bool = False, **kwargs) -> ResNeXt:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ARCHITECTURES)}")
+    layers, groups, width = ARCHITECTURES[name]
+    return resnext(layers, groups, width, fused=fused, **kwargs)
+
+
+def _constructor(name: str):
+    def build(*, fused: bool = False, **kwargs) -> ResNeXt:
+        return create_model(name, fused=fused, **kwargs)
+    build.__name__ = name
+    build.__doc__ = f"{name}: blocks {ARCHITECTURES[name][0]}, cardinality {ARCHITECTURES[name][1]}, " \
+                    f"base width {ARCHITECTURES[name][2]}."
+    return build
+
+
+resnext50_32x4d = _constructor("resnext50_32x4d")
+resnext101_32x4d = _constructor("resnext101_32x4d")
+resnext101_32x8d = _constructor("resnext101_32x8d")
+resnext101_32x16d = _constructor("resnext101_32x16d")
+resnext101_32x32d = _constructor("resnext101_32x32d")
+resnext101_32x48d = _constructor("resnext101_32x48d")

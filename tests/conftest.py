@@ -1,0 +1,31 @@
+import os
+
+import torch
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter; it must be on before
+# any @triton.jit function is created, so before engine.kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _no_forced_backend(monkeypatch):
+    # A developer's ENGINE_BACKEND must not change what the tests check.
+    monkeypatch.delenv("ENGINE_BACKEND", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    # Every test draws the same inputs whatever ran before it.
+    torch.manual_seed(0)

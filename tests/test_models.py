@@ -1,0 +1,153 @@
+"""Our ResNeXt against torchvision's with the same weights: outputs and gradients, in
+plain and fused mode, NCHW and channels_last; and the family's sizes."""
+
+import copy
+
+import pytest
+import torch
+
+from engine.models import ARCHITECTURES, create_model
+
+torchvision = pytest.importorskip("torchvision")
+
+
+_TORCHVISION = {}
+
+
+def torchvision_pair(name, fused):
+    """torchvision's model (built once per name) and ours with its weights."""
+    if name not in _TORCHVISION:
+        torch.manual_seed(0)
+        theirs = getattr(torchvision.models, name)()
+        # Random, non-trivial BN statistics and affine parameters, so eval mode is not an identity.
+        with torch.no_grad():
+            for m in theirs.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.2, 0.2)
+                    m.running_mean.uniform_(-0.1, 0.1)
+                    m.running_var.uniform_(0.5, 1.5)
+        _TORCHVISION[name] = theirs
+    theirs = copy.deepcopy(_TORCHVISION[name])
+    ours = create_model(name, fused=fused)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return theirs, ours
+
+
+def outputs_and_grads(model, x):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_rel_close(actual, expected, tol, what=""):
+    """Relative error of the whole tensor: different conv algorithms (layouts, kernels)
+    round differently, and train-mode batch norm over few values amplifies it per element."""
+    err = (actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)
+    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
+
+
+def assert_same(model_a, model_b, x, atol, rtol):
+    out_a, grads_a = outputs_and_grads(model_a, x)
+    out_b, grads_b = outputs_and_grads(model_b, x)
+    torch.testing.assert_close(out_a, out_b, atol=atol, rtol=rtol)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"buffer {name}: {m}")
+
+
+@pytest.mark.parametrize("name", ["resnext50_32x4d", "resnext101_32x8d"])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_matches_torchvision(name, fused, mode):
+    theirs, ours = torchvision_pair(name, fused)
+    theirs.train(mode == "train")
+    ours.train(mode == "train")
+    x = torch.randn(4, 3, 40, 40)
+    assert_same(theirs, ours, x, atol=1e-5, rtol=1e-4)
+
+
+def test_state_dict_is_torchvisions_in_both_modes():
+    theirs = torchvision.models.resnext50_32x4d()
+    expected = {k: v.shape for k, v in theirs.state_dict().items()}
+    for fused in (False, True):
+        assert {k: v.shape for k, v in create_model("resnext50_32x4d", fused=fused).state_dict().items()} == expected
+
+
+def compare_to_torchvision(ours, theirs, x_ours, x_theirs):
+    """Training mode: outputs and updated running statistics. Eval mode: every gradient.
+    (Train-mode gradients at the stem pass through ~50 batch norms over a handful of
+    values each, which magnify any rounding difference; bn_act's own tests cover them.)"""
+    out, _ = outputs_and_grads(ours, x_ours)
+    out_ref, _ = outputs_and_grads(theirs, x_theirs)
+    assert_rel_close(out, out_ref, 1e-4, "train output")
+    for (name, buf), ref in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        if "running" in name:
+            assert_rel_close(buf, ref, 1e-4, name)
+    ours.eval()
+    theirs.eval()
+    out, grads = outputs_and_grads(ours, x_ours)
+    out_ref, grads_ref = outputs_and_grads(theirs, x_theirs)
+    assert_rel_close(out, out_ref, 1e-4, "eval output")
+    # All gradients together tightly; each alone loosely, since the stem's weight gradient
+    # is a sum with heavy cancellation that any change of summation order moves (seen:
+    # 2e-3 relative on conv1.weight between ATen's own NCHW and channels_last kernels).
+    flat = torch.cat([grads[n].flatten() for n in grads_ref])
+    assert_rel_close(flat, torch.cat([g.flatten() for g in grads_ref.values()]), 1e-3, "all gradients")
+    for name in grads_ref:
+        assert_rel_close(grads[name], grads_ref[name], 1e-2, name)
+
+
+def test_fused_model_through_the_compiled_extension():
+    """The fused blocks on the extension's kernels (its CPU loop here) match torchvision."""
+    pytest.importorskip("engine.ops._cuda_bn_act")
+    theirs, ours = torchvision_pair("resnext50_32x4d", fused=True)
+    x = torch.randn(4, 3, 40, 40)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ENGINE_BACKEND", "cuda")
+        compare_to_torchvision(ours, theirs, x, x)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_channels_last_end_to_end(fused):
+    theirs, ours = torchvision_pair("resnext50_32x4d", fused)
+    x = torch.randn(4, 3, 40, 40)
+    ours = ours.to(memory_format=torch.channels_last)
+    activations = []
+    hook = ours.layer2[0].register_forward_hook(lambda m, i, o: activations.append(o))
+    compare_to_torchvision(ours, theirs, x.to(memory_format=torch.channels_last), x)
+    hook.remove()
+    assert all(a.is_contiguous(memory_format=torch.channels_last) for a in activations)
+
+
+# Parameter counts from the design's recipe table (millions, one decimal).
+PAPER_PARAMS = {"resnext101_32x8d": 88.8, "resnext101_32x16d": 194.0, "resnext101_32x32d": 468.5,
+                "resnext101_32x48d": 828.4}
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_family_sizes(name):
+    with torch.device("meta"):
+        model = create_model(name, num_classes=1000)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    if name in PAPER_PARAMS:
+        assert params == pytest.approx(PAPER_PARAMS[name], abs=0.1)
+    tv = getattr(torchvision.models, name, None)
+    if tv is not None:
+        with torch.device("meta"):
+            assert params == sum(p.numel() for p in tv().parameters()) / 1e6
+
+
+def test_hashtag_head_size_and_trunk_only():
+    model = create_model("resnext50_32x4d", num_classes=1500)
+    assert model.fc.weight.shape == (1500, 2048)
+    trunk = create_model("resnext50_32x4d", num_classes=0).eval()
+    assert trunk(torch.randn(1, 3, 32, 32)).shape == (1, 2048)
+
+
+def test_unknown_model_is_named():
+    with pytest.raises(ValueError, match="unknown model 'resnext99'"):
+        create_model("resnext99")
