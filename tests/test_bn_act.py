@@ -1,6 +1,8 @@
 """bn_act's Triton and CUDA backends against the reference: output, running stats and
 every gradient, in both layouts, training and eval, with and without residual/ReLU."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,8 @@ import torch.nn.functional as F
 from engine.ops import BackendUnavailableError, BatchNormAct2d, bn_act, bn_act_op, bn_act_reference
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# Where the single-device tests run: the GPU when there is one, else Triton's interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FUSED = ["triton", "cuda"]
 SHAPES = [
     (2, 37, 5, 7),   # channels not a multiple of the 32-channel tile, odd spatial size
@@ -66,8 +70,11 @@ def assert_close(actual, expected, atol, rtol, what):
 @pytest.mark.parametrize("residual, relu", EPILOGUES, ids=["bn", "bn_relu", "bn_add_relu"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_matches_reference(device, backend, dtype, atol, rtol, shape, channels_last, residual, relu, training):
-    if dtype == torch.bfloat16 and device == "cpu" and backend == "triton":
-        pytest.skip("Triton's CPU interpreter has no bfloat16 (numpy has no such type); covered on GPU")
+    if device == "cpu" and backend == "triton":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set by conftest without a GPU)")
+        if dtype == torch.bfloat16:
+            pytest.skip("Triton's CPU interpreter has no bfloat16 (numpy has no such type); covered on GPU")
     x, res, params, grad = make_inputs(shape, dtype, device, channels_last, residual)
     y, rm, rv, grads = run(bn_act, x, res, params, grad, training, relu, backend=backend)
     y_ref, rm_ref, rv_ref, grads_ref = run(reference_fp32, x, res, params, grad, training, relu)
@@ -85,7 +92,7 @@ def test_matches_reference(device, backend, dtype, atol, rtol, shape, channels_l
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_empty_batch(backend):
-    x, _, params, _ = make_inputs((2, 5, 3, 3), torch.float32, "cpu", False, False)
+    x, _, params, _ = make_inputs((2, 5, 3, 3), torch.float32, DEVICE, False, False)
     x = x[:0].clone().requires_grad_()
     rm, rv = params["running_mean"].clone(), params["running_var"].clone()
     w = params["weight"].clone().requires_grad_()
@@ -99,7 +106,7 @@ def test_empty_batch(backend):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_no_affine_and_no_running_stats(backend):
-    x, _, _, grad = make_inputs((3, 6, 4, 5), torch.float32, "cpu", True, False)
+    x, _, _, grad = make_inputs((3, 6, 4, 5), torch.float32, DEVICE, True, False)
     x1 = x.clone().requires_grad_()
     x2 = x.clone().requires_grad_()
     y = bn_act(x1, None, None, training=True, relu=True, backend=backend)
@@ -192,7 +199,7 @@ def test_extension_checks_its_arguments():
 def test_traces_under_torch_compile(backend):
     """The fake implementations let torch.compile trace the custom ops, forward and backward."""
     torch._dynamo.reset()
-    x, res, params, grad = make_inputs((2, 5, 3, 4), torch.float32, "cpu", True, True)
+    x, res, params, grad = make_inputs((2, 5, 3, 4), torch.float32, DEVICE, True, True)
 
     def step(x, res, rm, rv, w, b):
         return bn_act(x, rm, rv, w, b, True, 0.1, 1e-5, residual=res, relu=True, backend=backend)

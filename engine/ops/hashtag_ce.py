@@ -90,7 +90,8 @@ def _check_local(x, weight, tags, tag_weights, bias, label_smoothing, z_loss, re
     if weight.dim() != 2:
         raise ValueError(f"hashtag_ce: weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"hashtag_ce: x must be float32, float16 or bfloat16 (float64 for the reference), got {x.dtype}")
+        raise TypeError(f"hashtag_ce: x must be float32, float16 or bfloat16 (float64 for the reference), "
+                        f"got {x.dtype}")
     if weight.dtype != x.dtype:
         raise TypeError(f"hashtag_ce: weight must have x's dtype {x.dtype}, got {weight.dtype} "
                         "(cast one of them; the head casts its weight to the features' dtype)")
@@ -117,11 +118,12 @@ def _check_local(x, weight, tags, tag_weights, bias, label_smoothing, z_loss, re
     named = [("x", x), ("weight", weight), ("tags", tags), ("tag_weights", tag_weights), ("bias", bias)]
     for name, t in named[1:]:
         if t is not None and t.device != x.device:
-            raise ValueError(f"hashtag_ce: {name} is on {t.device} but x is on {x.device}; all inputs must share a device")
+            raise ValueError(f"hashtag_ce: {name} is on {t.device} but x is on {x.device}; "
+                             "all inputs must share a device")
     for name, t in named:
         if t is not None and not t.is_contiguous():
-            raise ValueError(f"hashtag_ce: {name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)}); "
-                             "call .contiguous() on it")
+            raise ValueError(f"hashtag_ce: {name} must be contiguous (strides {t.stride()} for shape "
+                             f"{tuple(t.shape)}); call .contiguous() on it")
     if not 0.0 <= float(label_smoothing) < 1.0:
         raise ValueError(f"hashtag_ce: label_smoothing must be in [0, 1), got {label_smoothing}")
     if not 0.0 <= float(z_loss) < float("inf"):

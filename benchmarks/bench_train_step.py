@@ -1,0 +1,70 @@
+"""Training-step throughput (synthetic input, SGD, channels_last): our ResNeXt in plain
+and fused mode beside torchvision's, eager and under torch.compile, in the same run.
+
+    python -m benchmarks.bench_train_step --out benchmarks/results/train_step_h100.json
+    python -m benchmarks.bench_train_step --smoke --out /tmp/train_step_smoke.json   # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+
+import torch
+
+from benchmarks.common import environment, plot_bars, write_json
+from engine.bench import VARIANTS, measure
+
+# (model, batch): the design's peer measurements on one H200.
+GPU_CASES = [("resnext50_32x4d", 256), ("resnext101_32x8d", 256)]
+GPU_VARIANTS = ("plain", "fused", "torchvision", "torchvision-compile", "fused-compile")
+SMOKE_CASES = [("resnext50_32x4d", 2)]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="JSON path; a PNG plot is written beside it")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run proving the script")
+    parser.add_argument("--variants", default=",".join(GPU_VARIANTS), help=f"from {', '.join(VARIANTS)}")
+    parser.add_argument("--models", default=None, help="comma-separated model:batch pairs, e.g. resnext101_32x8d:256")
+    parser.add_argument("--steps", type=int, default=None)
+    args = parser.parse_args(argv)
+    smoke = args.smoke
+    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    cases = SMOKE_CASES if smoke else GPU_CASES
+    if args.models:
+        cases = [(m.split(":")[0], int(m.split(":")[1])) for m in args.models.split(",")]
+    variants = [v for v in args.variants.split(",") if v]
+    settings = dict(image_size=64 if smoke else 224, steps=args.steps or (1 if smoke else 20),
+                    warmup=1 if smoke else 5, dtype="fp32" if smoke else "bf16", device=device,
+                    compile_backend="aot_eager" if smoke else "inductor")
+    payload = {"benchmark": "train_step", "environment": environment(), "smoke": smoke,
+               "settings": {k: str(v) for k, v in settings.items()}, "results": []}
+    for model, batch in cases:
+        for variant in variants:
+            try:
+                row = asdict(measure(variant, model, batch_size=batch, **settings))
+                print(f"{model} b{batch} {variant:<20} {row['images_per_s']:9.1f} img/s  {row['step_ms']:8.1f} ms",
+                      flush=True)
+            except (RuntimeError, ValueError) as e:  # out of memory, a compile failure: recorded, not fatal
+                row = {"variant": variant, "model": model, "batch_size": batch,
+                       "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+                print(f"{model} b{batch} {variant:<20} failed: {row['error']}", flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            payload["results"].append(row)
+            write_json(args.out, payload)
+    groups = [f"{m} b{b}" for m, b in cases]
+    series = {v: [next((r.get("images_per_s") for r in payload["results"]
+                        if r["variant"] == v and f"{r['model']} b{r['batch_size']}" == g), None) for g in groups]
+              for v in variants}
+    why_no_plot = plot_bars(str(args.out).rsplit(".", 1)[0] + ".png",
+                            f"training step, {payload['environment']['device']}", groups, series, "images/s")
+    if why_no_plot:
+        print(why_no_plot, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

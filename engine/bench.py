@@ -1,0 +1,129 @@
+"""Training-step throughput of a ResNeXt on synthetic input (`engine bench`).
+
+One step = forward, cross-entropy, backward, SGD update, on a batch already on the
+device. Variants: our model with plain PyTorch blocks or with fused bn_act blocks,
+and torchvision's same model as the peer, each optionally under torch.compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from engine.models import ARCHITECTURES, create_model
+
+VARIANTS = ("plain", "fused", "plain-compile", "fused-compile", "torchvision", "torchvision-compile")
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class StepResult:
+    variant: str
+    model: str
+    batch_size: int
+    image_size: int
+    dtype: str
+    channels_last: bool
+    steps: int
+    step_ms: float
+    images_per_s: float
+    peak_memory_gb: Optional[float]
+
+
+def build(variant: str, name: str, num_classes: int) -> torch.nn.Module:
+    if variant.startswith("torchvision"):
+        import torchvision
+        if not hasattr(torchvision.models, name):
+            raise ValueError(f"torchvision has no {name}")
+        return getattr(torchvision.models, name)(num_classes=num_classes)
+    return create_model(name, fused=variant.startswith("fused"), num_classes=num_classes)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(variant: str, name: str, *, batch_size: int, image_size: int, steps: int, warmup: int,
+            device: torch.device, dtype: str = "bf16", channels_last: bool = True,
+            num_classes: int = 1000, compile_backend: str = "inductor") -> StepResult:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = build(variant, name, num_classes).to(device=device, memory_format=fmt).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device).to(memory_format=fmt)
+    labels = torch.randint(0, num_classes, (batch_size,), device=device)
+    amp = DTYPES[dtype]
+
+    def forward_loss():
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            return F.cross_entropy(model(images), labels)
+
+    loss_fn = torch.compile(forward_loss, backend=compile_backend) if variant.endswith("compile") else forward_loss
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        optimizer.step()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    step_ms = elapsed / steps * 1e3
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return StepResult(variant, name, batch_size, image_size, dtype, channels_last, steps, step_ms,
+                      batch_size / (step_ms / 1e3), peak)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--model", default="resnext50_32x4d", choices=sorted(ARCHITECTURES))
+    parser.add_argument("--variants", default="plain,fused",
+                        help=f"comma-separated, from: {', '.join(VARIANTS)} (default: plain,fused)")
+    parser.add_argument("--batch-size", type=int, default=256 if gpu else 8)
+    parser.add_argument("--image-size", type=int, default=224 if gpu else 112)
+    parser.add_argument("--steps", type=int, default=20 if gpu else 3)
+    parser.add_argument("--warmup", type=int, default=5 if gpu else 1)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if gpu else "fp32",
+                        help="autocast dtype (fp32: no autocast)")
+    parser.add_argument("--nchw", action="store_true", help="NCHW instead of channels_last")
+    parser.add_argument("--device", default="cuda" if gpu else "cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        print(f"engine bench: unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    if args.batch_size < 2:
+        print("engine bench: --batch-size must be at least 2 (batch norm in training)", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    layout = "NCHW" if args.nchw else "channels_last"
+    print(f"{args.model}, batch {args.batch_size}, {args.image_size}px, {args.dtype}, {layout}, on "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}; "
+          f"{args.warmup} warm-up + {args.steps} timed steps per variant", flush=True)
+    for variant in variants:
+        print(f"  {variant:<20}", end="", flush=True)
+        result = measure(variant, args.model, batch_size=args.batch_size, image_size=args.image_size,
+                         steps=args.steps, warmup=args.warmup, device=device, dtype=args.dtype,
+                         channels_last=not args.nchw)
+        mem = f", peak {result.peak_memory_gb:.1f} GiB" if result.peak_memory_gb is not None else ""
+        print(f"{result.images_per_s:9.1f} img/s  ({result.step_ms:.1f} ms/step{mem})", flush=True)
+    return 0
+
