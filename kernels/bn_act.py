@@ -11,15 +11,18 @@ catastrophically when |mean| >> std.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_M = 64
-BLOCK_C = 32
+# Elements per tile: 4096 keeps the fp32 accumulators of a reduction in registers at 4 warps.
+TILE_ELEMENTS = 4096
 # Row chunks per channel block in a reduction: enough programs to fill a GPU
 # without making the finalise sum long.
 MAX_SPLITS = 256
+TARGET_PROGRAMS = 1024
 
 
 @triton.jit
@@ -225,24 +228,39 @@ def _apply_bwd_kernel(
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
 
 
-def _geometry(x: torch.Tensor):
+class _Geometry(NamedTuple):
+    m: int               # rows: N * H * W
+    c: int
+    s: int               # pixels per image: H * W
+    channels_last: bool
+    block_m: int
+    block_c: int
+    splits: int          # row chunks per channel block in a reduction
+    rows_per_split: int
+
+
+def _geometry(x: torch.Tensor) -> _Geometry:
     n, c, h, w = x.shape
+    m, s = n * h * w, h * w
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return n * h * w, c, h * w, channels_last
-
-
-def _splits(m: int, c: int) -> tuple[int, int]:
-    c_blocks = triton.cdiv(c, BLOCK_C)
-    # Enough (channel block, split) programs to keep every SM busy, each at least a tile of rows.
-    splits = max(1, min(MAX_SPLITS, triton.cdiv(m, BLOCK_M), triton.cdiv(1024, c_blocks)))
-    rows_per_split = triton.cdiv(triton.cdiv(m, splits), BLOCK_M) * BLOCK_M
-    return triton.cdiv(m, rows_per_split), rows_per_split
+    if channels_last:
+        # Channels are the contiguous axis: as wide a channel tile as C allows, for long loads.
+        block_c = min(128, max(16, triton.next_power_of_2(c)))
+    else:
+        # Pixels are the contiguous axis: a narrow channel tile, long rows.
+        block_c = 16
+    block_m = TILE_ELEMENTS // block_c
+    c_blocks = triton.cdiv(c, block_c)
+    splits = max(1, min(MAX_SPLITS, triton.cdiv(max(m, 1), block_m), triton.cdiv(TARGET_PROGRAMS, c_blocks)))
+    rows_per_split = triton.cdiv(triton.cdiv(max(m, 1), splits), block_m) * block_m
+    return _Geometry(m, c, s, channels_last, block_m, block_c, triton.cdiv(max(m, 1), rows_per_split),
+                     rows_per_split)
 
 
 def _forward_impl(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu, y):
-    m, c, s, channels_last = _geometry(x)
-    dev = x.device
-    f32 = dict(device=dev, dtype=torch.float32)
+    g = _geometry(x)
+    m, c = g.m, g.c
+    f32 = dict(device=x.device, dtype=torch.float32)
     mean, invstd = torch.empty(c, **f32), torch.empty(c, **f32)
     scale, offset = torch.empty(c, **f32), torch.empty(c, **f32)
     if m == 0:
@@ -250,24 +268,24 @@ def _forward_impl(x, weight, bias, residual, running_mean, running_var, training
         invstd.fill_(float("nan"))
         return mean, invstd
     has_running = running_mean is not None
-    c_grid = triton.cdiv(c, BLOCK_C)
+    c_grid = triton.cdiv(c, g.block_c)
     if training:
-        splits, rows_per_split = _splits(m, c)
+        splits = g.splits
         shift = x[0, :, 0, 0].float().contiguous()
         psum, psq = torch.empty(splits, c, **f32), torch.empty(splits, c, **f32)
-        _stats_kernel[(c_grid, splits)](x, shift, psum, psq, m, c, s, rows_per_split,
-                                        CHANNELS_LAST=channels_last, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+        _stats_kernel[(c_grid, splits)](x, shift, psum, psq, m, c, g.s, g.rows_per_split,
+                                        CHANNELS_LAST=g.channels_last, BLOCK_M=g.block_m, BLOCK_C=g.block_c)
     else:
         splits, shift, psum, psq = 0, mean, mean, mean
     rm = running_mean if has_running else mean
     rv = running_var if has_running else mean
     _finalize_fwd_kernel[(c_grid,)](psum, psq, shift, weight, bias, rm, rv, mean, invstd, scale, offset,
                                     splits, c, float(m), momentum, eps,
-                                    TRAINING=training, HAS_RUNNING=has_running, BLOCK_C=BLOCK_C)
-    _apply_fwd_kernel[(triton.cdiv(m, BLOCK_M), c_grid)](
-        x, residual if residual is not None else x, y, scale, offset, m, c, s,
-        HAS_RESIDUAL=residual is not None, RELU=relu, CHANNELS_LAST=channels_last,
-        BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+                                    TRAINING=training, HAS_RUNNING=has_running, BLOCK_C=g.block_c)
+    _apply_fwd_kernel[(triton.cdiv(m, g.block_m), c_grid)](
+        x, residual if residual is not None else x, y, scale, offset, m, c, g.s,
+        HAS_RESIDUAL=residual is not None, RELU=relu, CHANNELS_LAST=g.channels_last,
+        BLOCK_M=g.block_m, BLOCK_C=g.block_c)
     return mean, invstd
 
 
@@ -291,27 +309,27 @@ def _(x, weight, bias, residual, running_mean, running_var, training, momentum, 
 def bn_act_bwd_triton(grad_y: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
                       mean: torch.Tensor, invstd: torch.Tensor, training: bool, relu: bool,
                       write_masked_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    m, c, s, channels_last = _geometry(x)
+    g = _geometry(x)
+    m, c = g.m, g.c
     f32 = dict(device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x)
     gres = torch.empty_like(x) if write_masked_grad else x.new_empty(0)
     dweight, dbias = torch.zeros(c, **f32), torch.zeros(c, **f32)
     if m == 0:
         return dx, dweight, dbias, gres
-    splits, rows_per_split = _splits(m, c)
-    c_grid = triton.cdiv(c, BLOCK_C)
-    psum, psumx = torch.empty(splits, c, **f32), torch.empty(splits, c, **f32)
-    _bwd_reduce_kernel[(c_grid, splits)](grad_y, y, x, mean, gres if write_masked_grad else dx, psum, psumx,
-                                         m, c, s, rows_per_split, RELU=relu, WRITE_GRES=write_masked_grad,
-                                         CHANNELS_LAST=channels_last, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+    c_grid = triton.cdiv(c, g.block_c)
+    psum, psumx = torch.empty(g.splits, c, **f32), torch.empty(g.splits, c, **f32)
+    _bwd_reduce_kernel[(c_grid, g.splits)](grad_y, y, x, mean, gres if write_masked_grad else dx, psum, psumx,
+                                           m, c, g.s, g.rows_per_split, RELU=relu, WRITE_GRES=write_masked_grad,
+                                           CHANNELS_LAST=g.channels_last, BLOCK_M=g.block_m, BLOCK_C=g.block_c)
     k_g, k_x, k_0 = torch.empty(c, **f32), torch.empty(c, **f32), torch.empty(c, **f32)
     _finalize_bwd_kernel[(c_grid,)](psum, psumx, mean, invstd, weight, dweight, dbias, k_g, k_x, k_0,
-                                    splits, c, float(m), TRAINING=training, BLOCK_C=BLOCK_C)
+                                    g.splits, c, float(m), TRAINING=training, BLOCK_C=g.block_c)
     # When the masked gradient is already in memory, read it instead of grad_y and y.
-    _apply_bwd_kernel[(triton.cdiv(m, BLOCK_M), c_grid)](
-        gres if write_masked_grad else grad_y, y, x, dx, k_g, k_x, k_0, m, c, s,
-        RELU=relu, MASKED=write_masked_grad, TRAINING=training, CHANNELS_LAST=channels_last,
-        BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+    _apply_bwd_kernel[(triton.cdiv(m, g.block_m), c_grid)](
+        gres if write_masked_grad else grad_y, y, x, dx, k_g, k_x, k_0, m, c, g.s,
+        RELU=relu, MASKED=write_masked_grad, TRAINING=training, CHANNELS_LAST=g.channels_last,
+        BLOCK_M=g.block_m, BLOCK_C=g.block_c)
     return dx, dweight, dbias, gres
 
 

@@ -17,7 +17,8 @@ SHAPES = [
     (2, 37, 5, 7),   # channels not a multiple of the 32-channel tile, odd spatial size
     (1, 3, 4, 4),    # a batch of one
     (3, 70, 1, 1),   # 1x1 spatial, as after global pooling
-    (2, 64, 11, 9),  # more rows than one 64-row tile
+    (2, 64, 11, 9),  # more rows than one tile in NHWC
+    (3, 20, 11, 9),  # several row tiles and reduction splits in both layouts
 ]
 # (residual, relu): the three ways the ResNeXt uses it
 EPILOGUES = [(False, False), (False, True), (True, True)]
