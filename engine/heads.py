@@ -20,9 +20,10 @@ class HashtagHead(nn.Module):
     vocab_slices(num_classes, world)[r] and scores the all-gathered batch against them, so
     per-rank memory is O(num_classes / world * in_features) for the weight, its gradient
     and optimiser state, plus O(global batch * in_features) of gathered features. Keep the
-    head out of DDP: its gradient is already complete on each rank. The trunk's features
-    get the exact gradient of the global-batch mean; DDP, which averages the trunk's
-    gradients over ranks, then divides it by the world size, which the learning rate absorbs.
+    head out of DDP: its gradient is already complete on each rank. Each rank's features
+    get their exact gradient of the global-batch mean, so the trunk's true gradient is the
+    sum over ranks of what each rank computes; DDP averages, i.e. divides it by the world
+    size: have DDP sum (a communication hook) or scale the trunk's learning rate to match.
 
     `state_dict()` holds the full vocabulary ("weight" [V, D], "bias" [V], the layout of a
     torchvision `fc`) whatever the world size, and loading takes this rank's rows, so a
@@ -31,17 +32,17 @@ class HashtagHead(nn.Module):
 
     Sampled mode (`sample_fraction` < 1, training only; Partial FC): each step every rank
     keeps all classes of its slice that are a tag anywhere in the global batch, plus
-    uniformly drawn other classes up to round(sample_fraction * slice size), and the softmax runs
-    over the kept classes only; only kept rows get a (nonzero) gradient. It is biased: the
-    normaliser sees every positive class but each other class only with probability about
-    sample_fraction, so the loss is lower than the full softmax's and classes absent from a
-    batch are pushed down less often, as if their logits were log(1 / sample_fraction)
-    lower during training. The trunk's features are what the paper keeps and they suffer
-    little (Partial FC reports no loss of accuracy at 0.1); the head's own probabilities
-    over-score rare classes, so evaluate (eval mode is always the full softmax) or finish
-    training with sample_fraction = 1 when the head itself is used. Label smoothing then
-    spreads over the kept classes. Optimiser momentum and weight decay still move rows
-    that were not kept.
+    uniformly drawn other classes up to round(sample_fraction * slice size), and the
+    softmax runs over the kept classes only; only kept rows get a (nonzero) gradient. It
+    is biased: the normaliser sees every positive class but each other class only with
+    probability about sample_fraction, so the loss is lower than the full softmax's and
+    classes absent from a batch are pushed down less often, as if their logits were
+    log(1 / sample_fraction) lower during training. The trunk's features, which the paper transfers, suffer little
+    (Partial FC reports face-recognition accuracy on par with the full softmax at 0.1);
+    the head's own probabilities over-score rare classes, so finish training with
+    sample_fraction = 1 when the head itself is used (eval mode is always the full
+    softmax). Label smoothing then spreads over the kept classes. Optimiser momentum and
+    weight decay still move rows that were not kept.
     """
 
     def __init__(self, in_features: int, num_classes: int, *, bias: bool = True, process_group=None,
