@@ -23,9 +23,11 @@ from benchmarks.common import REPO, write_json
 STAGES = [
     ("build", [sys.executable, "setup.py", "build_ext", "--inplace"], [], [], 300),
     ("info", [sys.executable, "-m", "engine.info", "--json"], [], [], 60),
-    ("gpu_tests", [sys.executable, "-m", "pytest", "-q", "-x", "-m", "gpu", "tests/test_bn_act.py",
-                   "-p", "no:cacheprovider"], [], [], 240),
+    ("gpu_tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_bn_act.py",
+                   "tests/test_hashtag_ce.py", "-p", "no:cacheprovider"], [], [], 240),
     ("bench_bn_act", [sys.executable, "-m", "benchmarks.bench_bn_act", "--out", "{json}"], [], ["--smoke"], 180),
+    ("bench_hashtag_ce", [sys.executable, "-m", "benchmarks.bench_hashtag_ce", "--out", "{json}"],
+     [], ["--smoke", "--methods", "engine", "eager"], 150),
     ("bench_train_step", [sys.executable, "-m", "benchmarks.bench_train_step", "--out", "{json}"],
      ["--models", "resnext101_32x8d:256", "--steps", "10"], ["--smoke"], 300),
 ]
