@@ -8,10 +8,10 @@ import time
 
 
 class Progress:
-    def __init__(self, total: int, desc: str, enabled: bool = True, stream=None):
+    def __init__(self, total: int, desc: str, enabled: bool = True, stream=None, initial: int = 0):
         self.total = max(int(total), 0)
         self.desc = desc
-        self.n = 0
+        self.n = self.initial = int(initial)  # initial: done before (a resumed build), not in the rate
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -29,7 +29,7 @@ class Progress:
 
     def _draw(self, now: float, final: bool = False) -> None:
         elapsed = max(now - self.start, 1e-9)
-        rate = self.n / elapsed
+        rate = (self.n - self.initial) / elapsed
         if self.total:
             frac = min(self.n / self.total, 1.0)
             width = 24

@@ -24,8 +24,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _forever(loader):
+    while True:  # epochs back to back, as training reads them
+        yield from loader
+
+
 def _time_loader(loader, batches: int, warmup: int, device: torch.device) -> dict:
-    it = iter(loader)
+    it = _forever(loader)
     n_img = 0
     for _ in range(warmup):
         next(it)
@@ -69,7 +74,8 @@ def measure_loaders(dataset_dir: str, backends: str = "all", device: Optional[st
     dev = _device(device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = threads or cores
-    wanted = ("dali", "torch", "torch_1core", "torchvision_gpu_decode") if backends == "all" else tuple(backends.split(","))
+    every = ("dali", "torch", "torch_1core", "torchvision_gpu_decode")
+    wanted = every if backends == "all" else tuple(backends.split(","))
     out: dict = {"dataset": os.path.abspath(dataset_dir), "device": str(dev), "batch_size": batch_size, "size": size,
                  "batches": batches, "resample": resample, "cpu_cores": cores, "threads": threads, "results": {}}
     if dev.type == "cuda":

@@ -31,7 +31,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -39,7 +39,7 @@ import numpy as np
 from engine.data import jpeg as jpeg_mod
 from engine.data import vocab as vocab_mod
 from engine.data._progress import Progress
-from engine.data.dataset import FORMAT, sample_key, shard_name, write_shard
+from engine.data.dataset import FORMAT, shard_name, write_shard
 
 SCAN_VERSION = 1
 REPORT_MAX_KEYS = 10000
@@ -58,7 +58,8 @@ class BuildConfig:
     shard_size: int = 5000  # samples per shard
     seed: int = 0  # sample order across shards
     workers: int = 0  # processes; 0: one per CPU core; 1: no subprocesses
-    start_method: str = "spawn"  # of worker processes; spawn re-imports a calling script: guard it with __main__
+    # Worker processes: auto (spawn, or fork for a script with no __main__ guard), spawn, fork.
+    start_method: str = "auto"
     min_count: int = 1  # a hashtag needs this many images to enter the vocabulary
     max_tags_per_image: int = 32  # keep an image's first N vocabulary hashtags
     weighting: str = "sum"  # resampling weight of a multi-tag image: sum | mean | max (engine.data.vocab)
@@ -198,14 +199,13 @@ def load_eval_hashes(path: Optional[str]) -> set[str]:
 
 # ---------------------------------------------------------------- stage 1: scan
 
-_DALI_CHECKER = None
+_DALI_CHECKERS: dict = {}  # one DALI pipeline per process and device, reused across chunks
 
 
 def _dali_checker(device: str):
-    global _DALI_CHECKER
-    if _DALI_CHECKER is None:
-        _DALI_CHECKER = jpeg_mod.DaliChecker(device=device)
-    return _DALI_CHECKER
+    if device not in _DALI_CHECKERS:
+        _DALI_CHECKERS[device] = jpeg_mod.DaliChecker(device=device)
+    return _DALI_CHECKERS[device]
 
 
 def _read_file(path: str, max_bytes: int):
@@ -322,7 +322,7 @@ def _write_shard_task(task: dict) -> dict:
 # ---------------------------------------------------------------- driver
 
 
-def _pool_map(fn, tasks: list, workers: int, progress: Progress, weight=lambda r: 1, start_method: str = "spawn"):
+def _pool_map(fn, tasks: list, workers: int, progress: Progress, weight=lambda r: 1, start_method: str = "auto"):
     """Runs fn over tasks, in subprocesses when workers > 1; yields results as they come."""
     if workers <= 1 or len(tasks) <= 1:
         for t in tasks:
@@ -332,16 +332,46 @@ def _pool_map(fn, tasks: list, workers: int, progress: Progress, weight=lambda r
         return
     import multiprocessing as mp
 
-    # spawn by default: a parent that has run DALI pipelines or touched CUDA cannot fork safely.
-    ctx = mp.get_context(start_method)
+    ctx = mp.get_context(_start_method(start_method))
     with ctx.Pool(min(workers, len(tasks)), initializer=_worker_init) as pool:
         for r in pool.imap_unordered(_Call(fn), tasks):
             progress.update(weight(r["_task"]))
             yield r["result"]
 
 
+def _start_method(method: str) -> str:
+    """spawn, unless the caller is a script that spawn would re-run: a spawned worker
+    imports the main script, and an unguarded build() call there would start the
+    build again in every worker. Such a caller gets fork (it has run no DALI
+    pipeline, the one thing a forked worker must not inherit; see _worker_init)."""
+    if method != "auto":
+        return method
+    import __main__
+
+    path = getattr(__main__, "__file__", None)
+    if path is None or getattr(__main__, "__spec__", None) is not None:  # interactive, or python -m
+        return "spawn"
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            guarded = "__main__" in f.read()
+    except OSError:
+        guarded = True
+    if guarded:
+        return "spawn"
+    print(f"engine data build: {path} calls build() outside an `if __name__ == '__main__':` guard; "
+          "forking the worker processes instead of spawning them", file=sys.stderr)
+    return "fork"
+
+
+_INHERITED: list = []  # DALI pipelines a forked worker inherited: never used, never destroyed
+
+
 def _worker_init():
+    global _DALI_CHECKERS
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if _DALI_CHECKERS:  # forked from a process that ran DALI: its threads are not here
+        _INHERITED.append(_DALI_CHECKERS)
+        _DALI_CHECKERS = {}
 
 
 class _Call:
@@ -390,8 +420,8 @@ def _check_config(cfg: BuildConfig) -> None:
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)!r}")
     if cfg.weighting not in ("sum", "mean", "max"):
         raise ValueError(f"weighting {cfg.weighting!r}: expected 'sum', 'mean' or 'max'")
-    if cfg.start_method not in ("spawn", "fork", "forkserver"):
-        raise ValueError(f"start_method {cfg.start_method!r}: expected 'spawn', 'fork' or 'forkserver'")
+    if cfg.start_method not in ("auto", "spawn", "fork", "forkserver"):
+        raise ValueError(f"start_method {cfg.start_method!r}: expected 'auto', 'spawn', 'fork' or 'forkserver'")
     if cfg.dali_device not in ("cpu", "mixed"):
         raise ValueError(f"dali_device {cfg.dali_device!r}: expected 'cpu' or 'mixed'")
     vocab_mod.parse_vocab_size(cfg.vocab_size)
@@ -465,8 +495,7 @@ def build(config: Union[BuildConfig, dict]) -> dict:
             "limits": limits, "dali": use_dali, "dali_device": cfg.dali_device, "scan_dir": scan_dir,
         })
     scanned_before = len(rows) - sum(len(t["paths"]) for t in tasks)
-    with Progress(len(rows), "scan ", enabled=cfg.progress) as bar:
-        bar.n = scanned_before
+    with Progress(len(rows), "scan ", enabled=cfg.progress, initial=scanned_before) as bar:
         for _ in _pool_map(_scan_chunk, tasks, workers, bar, lambda t: len(t["paths"]), cfg.start_method):
             pass
     records: list[dict] = []
@@ -551,8 +580,7 @@ def build(config: Union[BuildConfig, dict]) -> dict:
             })
         tasks.append({"shard": s, "first_id": lo, "samples": samples, "shard_dir": shard_dir,
                       "done_dir": done_dir, "plan": plan_fp})
-    with Progress(num_shards, "write", enabled=cfg.progress) as bar:
-        bar.n = reused
+    with Progress(num_shards, "write", enabled=cfg.progress, initial=reused) as bar:
         for _ in _pool_map(_write_shard_task, tasks, workers, bar, start_method=cfg.start_method):
             pass
     for name in os.listdir(shard_dir):  # shards of an older, larger plan
@@ -580,7 +608,8 @@ def build(config: Union[BuildConfig, dict]) -> dict:
         "tags": np.concatenate(final_tags).astype(np.int32),
         "weight": weights,
         "weight_cdf": np.cumsum(weights),
-        "sha256": np.frombuffer(b"".join(bytes.fromhex(records[i]["sha256"]) for i in final), dtype=np.uint8).reshape(n, 32),
+        "sha256": np.frombuffer(b"".join(bytes.fromhex(records[i]["sha256"]) for i in final),
+                                dtype=np.uint8).reshape(n, 32),
     }
     index_dir = os.path.join(out, "index")
     os.makedirs(index_dir, exist_ok=True)
@@ -626,7 +655,8 @@ def build(config: Union[BuildConfig, dict]) -> dict:
         "shards": {"count": num_shards, "shard_size": cfg.shard_size, "written": len(tasks), "reused": reused},
         "seconds": {"scan": round(t_scan, 3), "write": round(t_write, 3), "total": round(time.monotonic() - t0, 3)},
     }
-    _write_text(os.path.join(out, "rejected.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
+    _write_text(os.path.join(out, "rejected.jsonl"),
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
     _write_text(os.path.join(out, "report.json"), json.dumps(report, indent=1, ensure_ascii=False))
     meta = {
         "format": FORMAT, "num_samples": n, "num_shards": num_shards, "shard_size": cfg.shard_size,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import os
 import tarfile
 from collections import OrderedDict
@@ -41,38 +42,34 @@ def shard_name(s: int) -> str:
     return "shard-%06d" % s
 
 
-class FileCache:
-    """Open read-only file descriptors, least recently used closed first.
-    Reads use os.pread, so descriptors inherited by forked workers are safe."""
+class ShardMaps:
+    """Read-only memory maps of shard files, least recently used dropped first
+    (a dropped map closes once no array still views it). Reading a sample is a
+    zero-copy view; the consumer (DALI's external source, a decoder) copies."""
 
-    def __init__(self, limit: int = 256):
+    def __init__(self, limit: int = 1024):
         self.limit = limit
-        self._fds: "OrderedDict[str, int]" = OrderedDict()
-        self._pid = os.getpid()
+        self._maps: "OrderedDict[str, mmap.mmap]" = OrderedDict()
 
-    def pread(self, path: str, size: int, offset: int) -> bytes:
-        if os.getpid() != self._pid:  # forked: start afresh (the parent keeps its own)
-            self._fds = OrderedDict()
-            self._pid = os.getpid()
-        fd = self._fds.get(path)
-        if fd is None:
+    def view(self, path: str, size: int, offset: int) -> np.ndarray:
+        m = self._maps.get(path)
+        if m is None:
             fd = os.open(path, os.O_RDONLY)
-            self._fds[path] = fd
-            if len(self._fds) > self.limit:
-                _, old = self._fds.popitem(last=False)
-                os.close(old)
+            try:
+                m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
+            self._maps[path] = m
+            if len(self._maps) > self.limit:
+                self._maps.popitem(last=False)
         else:
-            self._fds.move_to_end(path)
-        data = os.pread(fd, size, offset)
-        if len(data) != size:
-            raise OSError(f"{path}: short read ({len(data)} of {size} bytes at offset {offset})")
-        return data
+            self._maps.move_to_end(path)
+        if offset + size > len(m):
+            raise OSError(f"{path}: sample at {offset}+{size} lies past the end of the file ({len(m)} bytes)")
+        return np.frombuffer(m, dtype=np.uint8, count=size, offset=offset)
 
     def close(self) -> None:
-        if os.getpid() == self._pid:
-            for fd in self._fds.values():
-                os.close(fd)
-        self._fds.clear()
+        self._maps.clear()
 
     def __getstate__(self):
         return {"limit": self.limit}
@@ -114,7 +111,7 @@ class HashtagDataset:
             raise ValueError(f"{root!r}: index holds {len(self.offset)} samples, dataset.json says {self.num_samples}")
         self.shard_paths = [os.path.join(self.root, "shards", shard_name(s) + ".tar") for s in range(self.num_shards)]
         self.index_paths = [os.path.join(self.root, "shards", shard_name(s) + ".idx") for s in range(self.num_shards)]
-        self._files = FileCache()
+        self._maps = ShardMaps()
         self._keys: Optional[list[str]] = None
 
     def __len__(self) -> int:
@@ -125,10 +122,19 @@ class HashtagDataset:
         return len(self.hashtags)
 
     def read(self, i: int) -> bytes:
-        return self._files.pread(self.shard_paths[int(self.shard[i])], int(self.size[i]), int(self.offset[i]))
+        return self.view(i).tobytes()
+
+    def view(self, i: int) -> np.ndarray:
+        """Sample i's JPEG bytes as a read-only uint8 array viewing the shard's memory map."""
+        return self._maps.view(self.shard_paths[int(self.shard[i])], int(self.size[i]), int(self.offset[i]))
 
     def read_many(self, ids: np.ndarray) -> list[np.ndarray]:
-        return [np.frombuffer(self.read(i), dtype=np.uint8) for i in ids]
+        ids = np.asarray(ids, dtype=np.int64)
+        shards = np.asarray(self.shard[ids]).tolist()
+        offsets = np.asarray(self.offset[ids]).tolist()
+        sizes = np.asarray(self.size[ids]).tolist()
+        paths, view = self.shard_paths, self._maps.view
+        return [view(paths[s], n, o) for s, o, n in zip(shards, offsets, sizes)]
 
     def tags_of(self, i: int) -> np.ndarray:
         return np.asarray(self.tags[int(self.tag_ptr[i]) : int(self.tag_ptr[i + 1])])
@@ -137,11 +143,13 @@ class HashtagDataset:
         """int32 [len(ids), k] hashtag ids padded with -1 (k defaults to max_tags;
         a smaller k keeps each image's first k hashtags)."""
         k = self.max_tags if k is None else k
-        out = np.full((len(ids), k), -1, dtype=np.int32)
-        for row, i in enumerate(ids):
-            t = self.tags_of(i)[:k]
-            out[row, : len(t)] = t
-        return out
+        ids = np.asarray(ids, dtype=np.int64)
+        start = np.asarray(self.tag_ptr[ids])
+        length = np.minimum(np.asarray(self.tag_ptr[ids + 1]) - start, k)
+        col = np.arange(k)
+        valid = col[None, :] < length[:, None]
+        where = np.where(valid, start[:, None] + col[None, :], 0)
+        return np.where(valid, np.asarray(self.tags)[where] if len(self.tags) else -1, -1).astype(np.int32)
 
     def hw(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(ids)
@@ -154,7 +162,7 @@ class HashtagDataset:
         return self._keys
 
     def close(self) -> None:
-        self._files.close()
+        self._maps.close()
 
 
 # ---------------------------------------------------------------- writing shards

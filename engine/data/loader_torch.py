@@ -9,6 +9,7 @@ decodes whole batches, so a batch is one inter-process message.
 
 from __future__ import annotations
 
+import gc
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -85,6 +86,7 @@ class TorchBackend:
         self._mean = torch.tensor([255.0 * m for m in mean], dtype=torch.float32, device=device)
         self._std = torch.tensor([255.0 * s for s in std], dtype=torch.float32, device=device)
         self._sampler = _Range()
+        self._forked = False
         kwargs = {}
         if self.num_workers > 0:
             kwargs = {"prefetch_factor": prefetch, "persistent_workers": True}
@@ -95,7 +97,21 @@ class TorchBackend:
 
     def iterate(self, start: int, stop: int) -> Iterator[dict]:
         self._sampler.start, self._sampler.stop = start, stop
-        for b in self._loader:
+        if self.num_workers > 0 and not self._forked:
+            # Workers fork now. Garbage the parent still holds (a DALI pipeline, say) must
+            # be collected here: finalised in a child, where DALI's threads do not exist,
+            # its destructor waits for them forever. Frozen objects are never collected by
+            # the children's garbage collector.
+            gc.collect()
+            gc.freeze()
+            try:
+                batches = iter(self._loader)
+            finally:
+                gc.unfreeze()
+            self._forked = True
+        else:
+            batches = iter(self._loader)
+        for b in batches:
             images = b["images"].to(self.device, non_blocking=True).float()
             images = ((images - self._mean) / self._std).to(self.dtype)
             yield {"images": images, "targets": b["targets"].to(self.device, non_blocking=True), "ids": b["ids"]}

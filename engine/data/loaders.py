@@ -19,7 +19,6 @@ that would have followed. See engine.data.sampling for the order and randomness.
 from __future__ import annotations
 
 import sys
-import warnings
 from typing import Iterator, Optional, Union
 
 import numpy as np

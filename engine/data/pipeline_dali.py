@@ -15,19 +15,38 @@ produced as fp16 by DALI and cast on the device by torch.
 Why external_source instead of readers.webdataset: the reader cannot draw a
 weighted sample (resampling), shuffles only within a buffer, and its position
 is restored through DALI's checkpoints only. Feeding the bytes from the index
-(os.pread on the shards) gives weighted draws, a global shuffle, and a state of
+(memory-mapped shards) gives weighted draws, a global shuffle, and a state of
 two integers; the shards stay readable by readers.webdataset (their .idx files
 are DALI's own format; a test reads them that way).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from engine.data.sources import HostBatch
+
+
+class _Feed:
+    """The callback DALI polls (in the thread calling run()), once per batch, ahead of
+    use. It holds no reference to the backend: a pipeline is then freed as soon as
+    its loader is (no reference cycle left for a garbage collector to finalise,
+    possibly in a forked child where DALI's threads do not exist and the
+    destructor would wait for them forever)."""
+
+    def __init__(self, make_host: Callable[[int], HostBatch], start: int):
+        self.make_host = make_host
+        self.start = start
+
+    def __call__(self, info):
+        hb = self.make_host(self.start + int(info.iteration))
+        anchors = np.ascontiguousarray(hb.boxes[:, :2])
+        shapes = np.ascontiguousarray(hb.boxes[:, 2:])
+        return hb.data, anchors, shapes, hb.flips, hb.targets, hb.ids
 
 
 class DaliBackend:
@@ -46,56 +65,54 @@ class DaliBackend:
         self.dtype = dtype
         self.mean = [255.0 * m for m in mean]
         self.std = [255.0 * s for s in std]
-        import os
-
         self.num_threads = num_threads or max(1, min(8, os.cpu_count() or 1))
         self.hw_decoder_load = hw_decoder_load
         self.prefetch = prefetch
         self.fancy = jpeg_fancy_upsampling
         self.target_dtype = np.dtype(target_dtype)
         self._pipe = None
-        self._start = 0  # global step of the pipeline's first batch
         self._next = 0  # global step of the next batch it will return
 
-    # The callback DALI polls (in the thread calling run()), once per batch, ahead of use.
-    def _source(self, info):
-        hb = self.make_host(self._start + int(info.iteration))
-        anchors = np.ascontiguousarray(hb.boxes[:, :2])
-        shapes = np.ascontiguousarray(hb.boxes[:, 2:])
-        return hb.data, anchors, shapes, hb.flips, hb.targets, hb.ids
-
-    def _build(self, start: int) -> None:
+    def make_pipeline(self, mixed: bool, device_id: Optional[int], start: int = 0):
+        """The (unbuilt) pipeline. mixed=True with device_id=None still defines the GPU
+        graph, which serialize() checks on a machine without a GPU (a CPU test does)."""
         import nvidia.dali.fn as fn
         import nvidia.dali.types as types
         from nvidia.dali import pipeline_def
 
-        self.close()
-        mixed = self.device.type == "cuda"
-        device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if mixed else None
         out_type = types.FLOAT if self.dtype == torch.float32 else types.FLOAT16
         target_type = types.INT32 if self.target_dtype == np.int32 else types.INT64
         decoder_args = {"device": "mixed", "hw_decoder_load": self.hw_decoder_load,
                         "jpeg_fancy_upsampling": self.fancy} if mixed else {"device": "cpu"}
+        feed = _Feed(self.make_host, start)
+        size, mean, std = self.size, self.mean, self.std
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id,
                       prefetch_queue_depth=self.prefetch, seed=1)
         def pipe():
             jpegs, anchors, shapes, flips, targets, ids = fn.external_source(
-                source=self._source, num_outputs=6, batch=True, batch_info=True,
+                source=feed, num_outputs=6, batch=True, batch_info=True,
                 dtype=[types.UINT8, types.INT32, types.INT32, types.INT32, target_type, types.INT64],
             )
             images = fn.decoders.image_slice(jpegs, anchors, shapes, axis_names="WH", output_type=types.RGB,
                                              **decoder_args)
-            images = fn.resize(images, size=[self.size, self.size], interp_type=types.INTERP_LINEAR, antialias=True)
-            images = fn.crop_mirror_normalize(images, mirror=flips, mean=self.mean, std=self.std,
+            images = fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+            images = fn.crop_mirror_normalize(images, mirror=flips, mean=mean, std=std,
                                               dtype=out_type, output_layout="HWC")
             if mixed:
                 targets = targets.gpu()
             return images, targets, ids
 
-        self._start = start
+        return pipe()
+
+    def _build(self, start: int) -> None:
+        self.close()
+        mixed = self.device.type == "cuda"
+        device_id = None
+        if mixed:
+            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         self._next = start
-        self._pipe = pipe()
+        self._pipe = self.make_pipeline(mixed, device_id, start)
         self._pipe.build()
 
     def iterate(self, start: int, stop: int) -> Iterator[dict]:

@@ -1,0 +1,132 @@
+"""Data pipeline throughput: images/s out of the loaders, no model, from shards on
+local disk. Every peer in the same run (engine.data.bench):
+
+  dali                    the training pipeline; mixed (GPU) decode on a GPU, CPU operators otherwise
+  torch                   the PyTorch loader, one DataLoader worker per core
+  torch_1core             the PyTorch loader in-process on one core (ms per image per core)
+  torchvision_gpu_decode  torchvision.io.decode_jpeg(device="cuda"), decode only (GPU only)
+
+Without --dataset it synthesises JPEGs (default 500x375-ish, like the DESIGN
+figures) and builds shards under --work first (reused when present).
+
+  python benchmarks/bench_data.py --out benchmarks/results/data_cpu.json            # this machine
+  python benchmarks/bench_data.py --device cuda --out benchmarks/results/data_h100.json
+  python benchmarks/bench_data.py --smoke                                           # seconds, for CI
+
+Target (issue 3): >= 12,000 img/s per H100/H200 at 224 with resampling on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+try:  # the project's shared helpers, when present
+    from common import environment, write_json  # type: ignore
+except ImportError:
+    def environment() -> dict:
+        import platform
+        import subprocess
+
+        import torch
+
+        env = {"python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
+               "cpu_cores": os.cpu_count(), "cuda": torch.cuda.is_available()}
+        if torch.cuda.is_available():
+            env["device"] = torch.cuda.get_device_name()
+        try:
+            import torchvision
+
+            env["torchvision"] = torchvision.__version__
+        except ImportError:
+            pass
+        try:
+            import nvidia.dali
+
+            env["dali"] = nvidia.dali.__version__
+        except ImportError:
+            env["dali"] = None
+        try:
+            env["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                        text=True, check=False).stdout.strip()
+        except OSError:
+            pass
+        return env
+
+    def write_json(path: str, payload: dict) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
+def prepare(work: str, n_images: int, min_side: int, max_side: int, workers: int) -> str:
+    from engine.data.builder import BuildConfig, build
+    from engine.data.synthetic import synth
+
+    raw, ds = os.path.join(work, "raw"), os.path.join(work, "ds")
+    if not os.path.isfile(os.path.join(raw, "metadata.jsonl")):
+        synth(raw, n_images=n_images, vocab_size=200, seed=0, min_side=min_side, max_side=max_side, bad_files=False,
+              n_duplicates=0, n_eval_overlap=0, n_eval=0)
+    build(BuildConfig(images=os.path.join(raw, "images"), metadata=os.path.join(raw, "metadata.jsonl"), out=ds,
+                      vocab_size=200, shard_size=1000, workers=workers))
+    return ds
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", help="a built dataset (default: synthesise and build one under --work)")
+    p.add_argument("--work", default="/tmp/engine-bench-data", help="where to synthesise and build")
+    p.add_argument("--n-images", type=int, default=2000)
+    p.add_argument("--min-side", type=int, default=375)
+    p.add_argument("--max-side", type=int, default=500)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backends", default="all",
+                   help="comma-separated subset of dali,torch,torch_1core,torchvision_gpu_decode")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None, help="DALI threads / PyTorch workers (default: all cores)")
+    p.add_argument("--hw-decoder-load", type=float, nargs="*", default=[0.65],
+                   help="DALI mixed decode: one run per value (GPU only)")
+    p.add_argument("--no-resample", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="tiny images, few batches: checks the script runs")
+    p.add_argument("--out", default=None, help="JSON results file")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.n_images, args.min_side, args.max_side = 96, 40, 80
+        args.batch_size, args.size, args.batches = 16, 64, 3
+        args.work = args.work.rstrip("/") + "-smoke"
+
+    from engine.data.bench import measure_loaders
+
+    t0 = time.time()
+    dataset = args.dataset or prepare(args.work, args.n_images, args.min_side, args.max_side, workers=0)
+    payload = {"benchmark": "data_pipeline", "environment": environment(), "args": vars(args), "runs": []}
+    loads = args.hw_decoder_load if args.device.startswith("cuda") else [args.hw_decoder_load[0]]
+    for k, load in enumerate(loads):
+        backends = args.backends if k == 0 else "dali"  # the peers once, DALI per decoder load
+        run = measure_loaders(dataset, backends=backends, device=args.device, batch_size=args.batch_size,
+                              size=args.size, batches=args.batches, threads=args.threads,
+                              resample=not args.no_resample, hw_decoder_load=load)
+        payload["runs"].append(run)
+        if args.out:  # as it goes: a run cut short keeps what it measured
+            write_json(args.out, payload)
+        for name, r in run["results"].items():
+            print(f"{name:24s} " + ", ".join(f"{k}={v}" for k, v in r.items()), flush=True)
+    payload["seconds"] = round(time.time() - t0, 1)
+    if args.out:
+        write_json(args.out, payload)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

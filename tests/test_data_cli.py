@@ -1,0 +1,58 @@
+"""`engine data synth | build | inspect | bench` through the engine CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from engine.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_synth_build_inspect_bench(tmp_path, capsys):
+    raw, ds = tmp_path / "raw", tmp_path / "ds"
+    assert main(["data", "synth", str(raw), "--n-images", "24", "--vocab-size", "10", "--quiet"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert os.path.isfile(info["metadata"]) and info["rows"] > 24
+    assert main(["data", "build", "--images", info["images"], "--metadata", info["metadata"], "--out", str(ds),
+                 "--vocab-size", "8", "--synonyms", info["synonyms"], "--eval-set", info["eval_set"],
+                 "--shard-size", "8", "--workers", "1", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["vocab"]["size"] == 8 and summary["written"] > 0 and summary["skipped"]["truncated"] == 2
+    assert main(["data", "inspect", str(ds), "--top", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["meta"]["num_samples"] == summary["written"] and len(out["top_hashtags"]) == 3
+    assert main(["data", "bench", str(ds), "--backend", "torch", "--device", "cpu", "--batch-size", "4",
+                 "--size", "32", "--batches", "2", "--threads", "1", "--json", str(tmp_path / "b.json")]) == 0
+    res = json.load(open(tmp_path / "b.json"))
+    assert res["results"]["torch"]["img_per_s"] > 0
+
+
+def test_errors_name_the_input(tmp_path, capsys):
+    assert main(["data", "build", "--images", str(tmp_path), "--metadata", str(tmp_path / "meta.jsonl"),
+                 "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "meta.jsonl" in capsys.readouterr().err
+    assert main(["data", "inspect", str(tmp_path / "nothing")]) == 2
+    assert "nothing" in capsys.readouterr().err
+
+
+def test_module_entry_point_help():
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "data", "--help"], cwd=REPO, capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=REPO))
+    assert r.returncode == 0 and "synth" in r.stdout and "build" in r.stdout
+
+
+def test_bench_script_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_data.py"), "--smoke",
+                        "--work", str(tmp_path / "work"), "--backends", "dali,torch,torch_1core", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    payload = json.load(open(out))
+    results = payload["runs"][0]["results"]
+    assert results["torch"]["img_per_s"] > 0 and results["torch_1core"]["ms_per_image_per_core"] > 0
+    assert "img_per_s" in results["dali"] or "skipped" in results["dali"]
