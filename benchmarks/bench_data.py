@@ -9,9 +9,9 @@ local disk. Every peer in the same run (engine.data.bench):
 Without --dataset it synthesises JPEGs (default 500x375-ish, like the DESIGN
 figures) and builds shards under --work first (reused when present).
 
-  python benchmarks/bench_data.py --out benchmarks/results/data_cpu.json            # this machine
-  python benchmarks/bench_data.py --device cuda --out benchmarks/results/data_h100.json
-  python benchmarks/bench_data.py --smoke                                           # seconds, for CI
+  python -m benchmarks.bench_data --out benchmarks/results/data_cpu.json            # this machine
+  python -m benchmarks.bench_data --device cuda --out benchmarks/results/data_h100.json
+  python -m benchmarks.bench_data --smoke                                           # seconds, for CI
 
 Target (issue 3): >= 12,000 img/s per H100/H200 at 224 with resampling on.
 """
@@ -19,52 +19,11 @@ Target (issue 3): >= 12,000 img/s per H100/H200 at 224 with resampling on.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-
-try:  # the project's shared helpers, when present
-    from common import environment, write_json  # type: ignore
-except ImportError:
-    def environment() -> dict:
-        import platform
-        import subprocess
-
-        import torch
-
-        env = {"python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
-               "cpu_cores": os.cpu_count(), "cuda": torch.cuda.is_available()}
-        if torch.cuda.is_available():
-            env["device"] = torch.cuda.get_device_name()
-        try:
-            import torchvision
-
-            env["torchvision"] = torchvision.__version__
-        except ImportError:
-            pass
-        try:
-            import nvidia.dali
-
-            env["dali"] = nvidia.dali.__version__
-        except ImportError:
-            env["dali"] = None
-        try:
-            env["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                                        text=True, check=False).stdout.strip()
-        except OSError:
-            pass
-        return env
-
-    def write_json(path: str, payload: dict) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(path + ".tmp", path)
+from benchmarks.common import environment, write_json
 
 
 def prepare(work: str, n_images: int, min_side: int, max_side: int, workers: int) -> str:

@@ -28,6 +28,8 @@ STAGES = [
     ("bench_bn_act", [sys.executable, "-m", "benchmarks.bench_bn_act", "--out", "{json}"], [], ["--smoke"], 180),
     ("bench_hashtag_ce", [sys.executable, "-m", "benchmarks.bench_hashtag_ce", "--out", "{json}"],
      [], ["--smoke", "--methods", "engine", "eager"], 150),
+    ("bench_data", [sys.executable, "-m", "benchmarks.bench_data", "--out", "{json}"],
+     ["--device", "cuda", "--hw-decoder-load", "0", "0.65", "1"], ["--smoke"], 150),
     ("bench_train_step", [sys.executable, "-m", "benchmarks.bench_train_step", "--out", "{json}"],
      ["--models", "resnext101_32x8d:256", "--steps", "10"], ["--smoke"], 300),
 ]
