@@ -18,7 +18,7 @@ from engine.bench import VARIANTS, measure
 
 # (model, batch): the design's peer measurements on one H200.
 GPU_CASES = [("resnext50_32x4d", 256), ("resnext101_32x8d", 256)]
-GPU_VARIANTS = ("plain", "fused", "torchvision", "torchvision-compile", "fused-compile")
+GPU_VARIANTS = ("plain", "fused", "conv", "torchvision", "torchvision-compile", "fused-compile")
 SMOKE_CASES = [("resnext50_32x4d", 2)]
 
 

@@ -1,8 +1,9 @@
 """Training-step throughput of a ResNeXt on synthetic input (`engine bench`).
 
 One step = forward, cross-entropy, backward, SGD update, on a batch already on the
-device. Variants: our model with plain PyTorch blocks or with fused bn_act blocks,
-and torchvision's same model as the peer, each optionally under torch.compile.
+device. Variants: our model with plain PyTorch blocks ("plain"), with bn_act blocks
+("fused"), or with batch norms fused into the 1x1 convolutions ("conv"), and
+torchvision's same model as the peer, each optionally under torch.compile ("-compile").
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch.nn.functional as F
 
 from engine.models import ARCHITECTURES, create_model
 
-VARIANTS = ("plain", "fused", "plain-compile", "fused-compile", "torchvision", "torchvision-compile")
+# Our model's block modes (engine.models.resnext `fused=`), then torchvision's model as the peer.
+MODES = {"plain": False, "fused": "bn_act", "conv": "conv"}
+VARIANTS = tuple(m + c for m in (*MODES, "torchvision") for c in ("", "-compile"))
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -42,7 +45,7 @@ def build(variant: str, name: str, num_classes: int) -> torch.nn.Module:
         if not hasattr(torchvision.models, name):
             raise ValueError(f"torchvision has no {name}")
         return getattr(torchvision.models, name)(num_classes=num_classes)
-    return create_model(name, fused=variant.startswith("fused"), num_classes=num_classes)
+    return create_model(name, fused=MODES[variant.removesuffix("-compile")], num_classes=num_classes)
 
 
 def _sync(device: torch.device) -> None:

@@ -73,7 +73,7 @@ def test_matches_torchvision(name, fused, mode):
 def test_state_dict_is_torchvisions_in_both_modes():
     theirs = torchvision.models.resnext50_32x4d()
     expected = {k: v.shape for k, v in theirs.state_dict().items()}
-    for fused in (False, True):
+    for fused in (False, True, "conv"):
         assert {k: v.shape for k, v in create_model("resnext50_32x4d", fused=fused).state_dict().items()} == expected
 
 
@@ -109,6 +109,19 @@ def test_fused_model_through_the_compiled_extension():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ENGINE_BACKEND", "cuda")
         compare_to_torchvision(ours, theirs, x, x)
+
+
+def test_conv_fused_model_matches_torchvision():
+    """Batch norms fused into the 1x1 convolutions (ConvBNBottleneck), same weights."""
+    theirs, ours = torchvision_pair("resnext50_32x4d", fused="conv")
+    x = torch.randn(4, 3, 40, 40)
+    compare_to_torchvision(ours.to(memory_format=torch.channels_last), theirs,
+                           x.to(memory_format=torch.channels_last), x)
+
+
+def test_unknown_fused_mode_is_named():
+    with pytest.raises(ValueError, match="fused must be one of"):
+        create_model("resnext50_32x4d", fused="everything")
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])

@@ -13,6 +13,7 @@ from typing import Callable, Optional, Type, Union
 import torch
 from torch import Tensor, nn
 
+from engine.models.fused_bottleneck import ConvBNBottleneck
 from engine.ops.bn_act import BatchNormAct2d
 
 
@@ -78,7 +79,9 @@ class FusedBottleneck(nn.Module):
         return self.bn3(self.conv3(out), residual=identity)
 
 
-Block = Union[Type[Bottleneck], Type[FusedBottleneck]]
+Block = Union[Type[Bottleneck], Type[FusedBottleneck], Type[ConvBNBottleneck]]
+# How each block's batch norms run: plain PyTorch, bn_act passes, or fused into the 1x1 convolutions.
+FUSED_MODES = (False, True, "bn_act", "conv")
 
 
 class ResNeXt(nn.Module):
@@ -119,7 +122,7 @@ class ResNeXt(nn.Module):
                 nn.init.zeros_(m.bias)
         if zero_init_residual:
             for m in self.modules():
-                if isinstance(m, (Bottleneck, FusedBottleneck)):
+                if isinstance(m, (Bottleneck, FusedBottleneck, ConvBNBottleneck)):
                     nn.init.zeros_(m.bn3.weight)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
@@ -142,12 +145,18 @@ class ResNeXt(nn.Module):
         return self.fc(self.forward_features(x))
 
 
-def resnext(layers: list[int], groups: int, width_per_group: int, *, fused: bool = False, **kwargs) -> ResNeXt:
-    """A ResNeXt with plain PyTorch blocks, or with every BN/add/ReLU through `bn_act` when
-    `fused`; both have the same state dict."""
-    if fused:
+def resnext(layers: list[int], groups: int, width_per_group: int, *, fused=False, **kwargs) -> ResNeXt:
+    """A ResNeXt whose state dict is torchvision's in every mode. `fused`: False for plain
+    PyTorch blocks; True or "bn_act" for every BN/add/ReLU through `bn_act`; "conv" for the
+    blocks' batch norms fused into their 1x1 convolutions (`conv_bn_bottleneck`)."""
+    if fused not in FUSED_MODES:
+        raise ValueError(f"fused must be one of {FUSED_MODES}, got {fused!r}")
+    if fused in (True, "bn_act"):
         return ResNeXt(FusedBottleneck, layers, groups, width_per_group,
                        norm_layer=lambda c: BatchNormAct2d(c, relu=False),
+                       stem_norm=BatchNormAct2d(64, relu=True), **kwargs)
+    if fused == "conv":
+        return ResNeXt(ConvBNBottleneck, layers, groups, width_per_group,
                        stem_norm=BatchNormAct2d(64, relu=True), **kwargs)
     return ResNeXt(Bottleneck, layers, groups, width_per_group, **kwargs)
 
@@ -163,7 +172,7 @@ ARCHITECTURES = {
 }
 
 
-def create_model(name: str, *, fused: bool = False, **kwargs) -> ResNeXt:
+def create_model(name: str, *, fused=False, **kwargs) -> ResNeXt:
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ARCHITECTURES)}")
     layers, groups, width = ARCHITECTURES[name]
@@ -171,7 +180,7 @@ def create_model(name: str, *, fused: bool = False, **kwargs) -> ResNeXt:
 
 
 def _constructor(name: str):
-    def build(*, fused: bool = False, **kwargs) -> ResNeXt:
+    def build(*, fused=False, **kwargs) -> ResNeXt:
         return create_model(name, fused=fused, **kwargs)
     build.__name__ = name
     build.__doc__ = f"{name}: blocks {ARCHITECTURES[name][0]}, cardinality {ARCHITECTURES[name][1]}, " \
