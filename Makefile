@@ -24,7 +24,7 @@ $(VENV)/.ext-stamp: $(VENV)/.deps-stamp $(wildcard csrc/*) setup.py
 	touch $@
 
 demo: install
-	$(VENV)/bin/engine bench
+	$(VENV)/bin/engine demo
 
 test: install
 	$(PY) -m pytest -q

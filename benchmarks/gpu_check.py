@@ -1,9 +1,14 @@
 """The GPU check: build the extension, run the GPU tests and the benchmarks beside their
 peers, and write one JSON file, updated after every stage so a run cut short keeps what
-it measured. Sized to finish within 8 minutes on one H100/H200.
+it measured.
 
-    python -m benchmarks.gpu_check --out $OUT/gpu_check.json            # on the GPU machine
-    python -m benchmarks.gpu_check --smoke --out /tmp/gpu_check.json    # proves it on a CPU
+Stages belong to groups, one per area of the engine, each sized for one device call:
+the default group, `foundation` (build, bn_act tests and benchmark, training step),
+finishes within 8 minutes on one H100/H200; `build` and `info` run with every group.
+
+    python -m benchmarks.gpu_check --out $OUT/gpu_check.json                    # foundation
+    python -m benchmarks.gpu_check --groups head,data --out $OUT/gpu_check.json
+    python -m benchmarks.gpu_check --smoke --groups all --out /tmp/gpu_check.json   # CPU proof
 """
 
 from __future__ import annotations
@@ -14,26 +19,51 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.common import REPO, write_json
 
-# Each stage: name, command (run from the repository root; {json} is the stage's own
-# JSON path), extra arguments on the GPU, extra arguments in smoke mode, time limit (s).
+PY = sys.executable
+GROUPS = ("foundation", "head", "data", "conv", "train")
+
+
+@dataclass
+class Stage:
+    name: str
+    groups: tuple[str, ...]      # () = every group
+    command: list[str]           # run from the repository root; {json} is the stage's own JSON path
+    limit_s: int
+    gpu_args: list[str] = field(default_factory=list)
+    smoke_args: list[str] = field(default_factory=list)
+
+
+def _pytest(*files: str) -> list[str]:
+    return [PY, "-m", "pytest", "-q", "-m", "gpu", *files, "-p", "no:cacheprovider"]
+
+
+def _bench(module: str) -> list[str]:
+    return [PY, "-m", f"benchmarks.{module}", "--out", "{json}"]
+
+
 STAGES = [
-    ("build", [sys.executable, "setup.py", "build_ext", "--inplace"], [], [], 300),
-    ("info", [sys.executable, "-m", "engine.info", "--json"], [], [], 60),
-    ("gpu_tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_bn_act.py",
-                   "tests/test_hashtag_ce.py", "tests/test_conv_bn.py", "-p", "no:cacheprovider"], [], [], 240),
-    ("bench_bn_act", [sys.executable, "-m", "benchmarks.bench_bn_act", "--out", "{json}"], [], ["--smoke"], 180),
-    ("bench_hashtag_ce", [sys.executable, "-m", "benchmarks.bench_hashtag_ce", "--out", "{json}"],
-     [], ["--smoke", "--methods", "engine", "eager"], 150),
-    ("bench_conv_bn", [sys.executable, "-m", "benchmarks.bench_conv_bn", "--out", "{json}"],
-     ["--archs", "32x8d"], ["--smoke", "--kinds", "first"], 300),
-    ("bench_data", [sys.executable, "-m", "benchmarks.bench_data", "--out", "{json}"],
-     ["--device", "cuda", "--hw-decoder-load", "0", "0.65", "1"], ["--smoke"], 150),
-    ("bench_train_step", [sys.executable, "-m", "benchmarks.bench_train_step", "--out", "{json}"],
-     ["--models", "resnext101_32x8d:256", "--steps", "10"], ["--smoke"], 300),
+    Stage("build", (), [PY, "setup.py", "build_ext", "--inplace"], 240),
+    Stage("info", (), [PY, "-m", "engine.info", "--json"], 60),
+    Stage("tests_bn_act", ("foundation",), _pytest("tests/test_bn_act.py"), 120),
+    Stage("bench_bn_act", ("foundation",), _bench("bench_bn_act"), 150, smoke_args=["--smoke"]),
+    Stage("bench_train_step", ("foundation",), _bench("bench_train_step"), 240,
+          gpu_args=["--models", "resnext101_32x8d:256", "--steps", "10",
+                    "--variants", "plain,fused,torchvision,torchvision-compile"], smoke_args=["--smoke"]),
+    Stage("tests_hashtag_ce", ("head",), _pytest("tests/test_hashtag_ce.py"), 120),
+    Stage("bench_hashtag_ce", ("head",), _bench("bench_hashtag_ce"), 240,
+          smoke_args=["--smoke", "--methods", "engine", "eager"]),
+    Stage("bench_data", ("data",), _bench("bench_data"), 240,
+          gpu_args=["--device", "cuda", "--hw-decoder-load", "0", "0.65", "1"], smoke_args=["--smoke"]),
+    Stage("tests_conv_bn", ("conv",), _pytest("tests/test_conv_bn.py"), 120),
+    Stage("bench_conv_bn", ("conv",), _bench("bench_conv_bn"), 300,
+          gpu_args=["--archs", "32x8d"], smoke_args=["--smoke", "--kinds", "first"]),
+    Stage("bench_train_e2e", ("train",), _bench("bench_train_e2e"), 300,
+          gpu_args=["--images", "2048", "--steps", "30"], smoke_args=["--smoke"]),
 ]
 
 
@@ -45,9 +75,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="the JSON file; each stage's own JSON goes beside it")
     parser.add_argument("--smoke", action="store_true", help="CPU proof: tiny benchmarks, no build if built")
+    parser.add_argument("--groups", default="foundation",
+                        help=f"comma-separated, from {', '.join(GROUPS)}, or all (default: foundation)")
     parser.add_argument("--skip", default="", help="comma-separated stage names to skip")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
+    groups = set(GROUPS) if args.groups == "all" else {g for g in args.groups.split(",") if g}
+    if not groups <= set(GROUPS):
+        parser.error(f"--groups: unknown {sorted(groups - set(GROUPS))}; choose from {', '.join(GROUPS)} or all")
     skip = {s for s in args.skip.split(",") if s}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
@@ -55,20 +90,23 @@ def main(argv=None) -> int:
         env.setdefault("TRITON_INTERPRET", "1")
         if _extension_loads():
             skip.add("build")
-    report = {"check": "gpu_check", "smoke": args.smoke, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "stages": {}}
+    report = {"check": "gpu_check", "smoke": args.smoke, "groups": sorted(groups),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": {}}
     failed = 0
-    for name, command, gpu_args, smoke_args, limit in STAGES:
+    for stage_def in STAGES:
+        name = stage_def.name
+        if stage_def.groups and not groups & set(stage_def.groups):
+            continue
         if name in skip:
             report["stages"][name] = {"skipped": True}
             continue
         stage_json = out.with_name(f"{out.stem}.{name}.json")
-        cmd = [part.replace("{json}", str(stage_json)) for part in command]
-        cmd += smoke_args if args.smoke else gpu_args
+        cmd = [part.replace("{json}", str(stage_json)) for part in stage_def.command]
+        cmd += stage_def.smoke_args if args.smoke else stage_def.gpu_args
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         start = time.monotonic()
         try:
-            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=limit)
+            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=stage_def.limit_s)
             rc, output = proc.returncode, proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as e:
             rc, output = "timeout", _text(e.stdout) + _text(e.stderr)

@@ -44,7 +44,8 @@ def test_bench_rejects_unknown_variant(capsys):
 def test_gpu_check_smoke_mode(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--groups", "all",
+                           "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -57,3 +58,4 @@ def test_gpu_check_smoke_mode(tmp_path):
     steps = stages["bench_train_step"]["results"]["results"]
     assert {r["variant"] for r in steps if "images_per_s" in r} >= {"plain", "fused", "torchvision"}
     assert (tmp_path / "gpu_check.bench_bn_act.png").exists()
+    assert {"bench_hashtag_ce", "bench_data", "bench_conv_bn", "bench_train_e2e"} <= set(stages)
