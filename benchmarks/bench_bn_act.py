@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from benchmarks.common import environment, plot_bars, time_ms, write_json
+from benchmarks.common import environment, plot_results, time_ms, write_json
 from engine.ops import BackendUnavailableError, bn_act, bn_act_reference
 
 # (name, N, C, H, W): batch 256, the bottleneck width (= output channels for 32x8d) per stage.
@@ -108,14 +108,9 @@ def main(argv=None) -> int:
                 print(f"{stage} {epilogue:<12} {name:<20} fwd {fwd:8.3f} ms  fwd+bwd {both:8.3f} ms  "
                       f"{row['fwd_bwd_gb_per_s']:7.1f} GB/s  x{row.get('speedup_vs_eager', 1.0):.2f} vs eager",
                       flush=True)
-    groups = sorted({f"{r['stage']} {r['epilogue']}" for r in payload["results"]})
-    series = {name: [next((r.get("fwd_bwd_ms") for r in payload["results"]
-                           if f"{r['stage']} {r['epilogue']}" == g and r["impl"] == name), None) for g in groups]
-              for name in impls}
-    why_no_plot = plot_bars(str(args.out).rsplit(".", 1)[0] + ".png",
-                            f"bn_act fwd+bwd, {payload['environment']['device']}, {dtype}", groups, series, "ms")
-    if why_no_plot:
-        print(why_no_plot, file=sys.stderr)
+    plot_results(args.out, f"bn_act fwd+bwd, {payload['environment']['device']}, {dtype}", payload["results"],
+                 group=lambda r: f"{r['stage']} {r['epilogue']}", series=lambda r: r["impl"], value="fwd_bwd_ms",
+                 ylabel="ms")
     return 0
 
 

@@ -37,7 +37,7 @@ if ARGS is not None and ARGS.smoke:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import environment, plot_bars, time_ms, write_json  # noqa: E402
+from benchmarks.common import environment, plot_results, time_ms, write_json  # noqa: E402
 from engine.models.fused_bottleneck import ConvBNBottleneck  # noqa: E402
 
 # name -> (cardinality, base width)
@@ -150,17 +150,9 @@ def main(argv=None) -> int:
                 del torchvision_block, fused, impls, x, grad, reference
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    rows = payload["results"]
-    groups_ = sorted({f"{r['arch']} {r['stage']} {r['kind']}" for r in rows})
-    names = list(dict.fromkeys(r["impl"] for r in rows))
-    series = {name: [next((r.get("fwd_bwd_ms") for r in rows
-                           if f"{r['arch']} {r['stage']} {r['kind']}" == g and r["impl"] == name), None)
-                     for g in groups_] for name in names}
-    why_no_plot = plot_bars(str(args.out).rsplit(".", 1)[0] + ".png",
-                            f"bottleneck block fwd+bwd, {payload['environment']['device']}, {payload['dtype']}",
-                            groups_, series, "ms")
-    if why_no_plot:
-        print(why_no_plot, file=sys.stderr)
+    plot_results(args.out, f"bottleneck block fwd+bwd, {payload['environment']['device']}, {payload['dtype']}",
+                 payload["results"], group=lambda r: f"{r['arch']} {r['stage']} {r['kind']}",
+                 series=lambda r: r["impl"], value="fwd_bwd_ms", ylabel="ms")
     return 0
 
 

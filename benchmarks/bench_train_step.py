@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import torch
 
-from benchmarks.common import environment, plot_bars, write_json
+from benchmarks.common import environment, plot_results, write_json
 from engine.bench import VARIANTS, measure
 
 # (model, batch): the design's peer measurements on one H200.
@@ -55,14 +55,9 @@ def main(argv=None) -> int:
                     torch.cuda.empty_cache()
             payload["results"].append(row)
             write_json(args.out, payload)
-    groups = [f"{m} b{b}" for m, b in cases]
-    series = {v: [next((r.get("images_per_s") for r in payload["results"]
-                        if r["variant"] == v and f"{r['model']} b{r['batch_size']}" == g), None) for g in groups]
-              for v in variants}
-    why_no_plot = plot_bars(str(args.out).rsplit(".", 1)[0] + ".png",
-                            f"training step, {payload['environment']['device']}", groups, series, "images/s")
-    if why_no_plot:
-        print(why_no_plot, file=sys.stderr)
+    plot_results(args.out, f"training step, {payload['environment']['device']}", payload["results"],
+                 group=lambda r: f"{r['model']} b{r['batch_size']}", series=lambda r: r["variant"],
+                 value="images_per_s", ylabel="images/s")
     return 0
 
 

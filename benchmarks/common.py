@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -67,6 +68,20 @@ def time_ms(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 20) -> f
             samples.append((time.perf_counter() - t0) * 1e3)
     samples.sort()
     return samples[len(samples) // 2]
+
+
+def plot_results(json_path: str | os.PathLike, title: str, rows: list[dict], group: Callable[[dict], str],
+                 series: Callable[[dict], str], value: str, ylabel: str) -> None:
+    """Bars of rows[value], grouped by group(row), one colour per series(row), as a PNG
+    beside the JSON; rows without the value (failed or skipped) are left blank."""
+    measured = [r for r in rows if r.get(value) is not None]
+    groups = list(dict.fromkeys(group(r) for r in rows))
+    names = list(dict.fromkeys(series(r) for r in rows))
+    bars = {n: [next((r[value] for r in measured if group(r) == g and series(r) == n), None) for g in groups]
+            for n in names}
+    why_not = plot_bars(Path(json_path).with_suffix(".png"), title, groups, bars, ylabel)
+    if why_not:
+        print(why_not, file=sys.stderr)
 
 
 def plot_bars(path: str | os.PathLike, title: str, groups: list[str], series: dict[str, list[Optional[float]]],
