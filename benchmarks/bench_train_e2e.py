@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         common.append(f"data.num_threads={args.threads}")
     if smoke:
         common += ["model.name=custom", "model.layers=[1,1,1,1]", "model.groups=4", "model.width_per_group=4",
-                   "model.fused=false", "data.image_size=32", "train.precision=fp32", "train.device=cpu",
+                   "model.fused=none", "data.image_size=32", "train.precision=fp32", "train.device=cpu",
                    "data.num_workers=0", "data.num_threads=1"]
     else:
         common += [f"model.name={args.model}"]

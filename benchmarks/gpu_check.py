@@ -62,6 +62,9 @@ STAGES = [
     Stage("tests_conv_bn", ("conv",), _pytest("tests/test_conv_bn.py"), 120),
     Stage("bench_conv_bn", ("conv",), _bench("bench_conv_bn"), 300,
           gpu_args=["--archs", "32x8d"], smoke_args=["--smoke", "--kinds", "first"]),
+    Stage("tests_grouped_conv", ("conv",), _pytest("tests/test_grouped_conv.py"), 240),
+    Stage("bench_grouped_conv", ("conv",), _bench("bench_grouped_conv"), 240,
+          gpu_args=["--archs", "32x8d"], smoke_args=["--smoke"]),
     Stage("bench_train_e2e", ("train",), _bench("bench_train_e2e"), 300,
           gpu_args=["--images", "2048", "--steps", "30"], smoke_args=["--smoke"]),
 ]

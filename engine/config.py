@@ -40,6 +40,9 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------- sections
 
 
+FUSED_MODES = ("none", "bn_act", "conv")
+
+
 @dataclass
 class ModelConfig:
     # An engine.models architecture (resnext50_32x4d, resnext101_32x{4,8,16,32,48}d), or
@@ -48,7 +51,10 @@ class ModelConfig:
     layers: list[int] = field(default_factory=list)  # custom only: blocks per stage, 4 numbers
     groups: int = 32  # custom only: cardinality
     width_per_group: int = 8  # custom only: base width
-    fused: bool = True  # every BN/add/ReLU through engine.ops.bn_act (same state dict)
+    # How the blocks' batch norms run (the state dict is the same in every mode): "none"
+    # (plain PyTorch), "bn_act" (BN + add + ReLU in one op), "conv" (fused into the 1x1
+    # convolutions and the grouped 3x3, engine.ops.conv_bn_bottleneck).
+    fused: str = "bn_act"
     channels_last: bool = True
     compile: bool = False  # torch.compile the data-parallel trunk
     compile_mode: str = "default"  # torch.compile mode: default | max-autotune | max-autotune-no-cudagraphs
@@ -159,7 +165,7 @@ TINY_ARCH = dict(layers=[1, 1, 1, 1], groups=4, width_per_group=4)
 
 def _paper(width: int, vocab: str) -> Config:
     cfg = Config()
-    cfg.model = ModelConfig(name=f"resnext101_32x{width}d", fused=True, channels_last=True)
+    cfg.model = ModelConfig(name=f"resnext101_32x{width}d", fused="bn_act", channels_last=True)
     cfg.data = DataConfig(dataset=f"datasets/ig-{vocab}", image_size=224, resample=True)
     cfg.head = HeadConfig(vocab_size=0)
     steps = PAPER_IMAGES // PAPER_BATCH
@@ -188,7 +194,7 @@ def _resnext50() -> Config:
 def _tiny() -> Config:
     """Minutes on 2 CPU cores: the demo."""
     cfg = Config()
-    cfg.model = ModelConfig(name="custom", fused=False, channels_last=True, zero_init_residual=True,
+    cfg.model = ModelConfig(name="custom", fused="none", channels_last=True, zero_init_residual=True,
                             **copy.deepcopy(TINY_ARCH))
     cfg.data = DataConfig(dataset="", image_size=32, backend="auto", num_workers=0, num_threads=1, prefetch=2,
                           scale_min=0.35)
@@ -419,8 +425,10 @@ def validate(cfg: Config, world_size: int = 1, *, check_paths: bool = True) -> N
         close = difflib.get_close_matches(m.name, ARCH_NAMES + ("custom",), n=2)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         _fail("model.name", f"unknown model {m.name!r}{hint} (known: {', '.join(ARCH_NAMES)}, custom)")
-    if m.sync_bn and m.fused:
-        _fail("model.sync_bn", "SyncBatchNorm replaces the fused BN/add/ReLU blocks: set model.fused=false with it")
+    if m.fused not in FUSED_MODES:
+        _fail("model.fused", f"must be one of {', '.join(FUSED_MODES)}, got {m.fused!r}")
+    if m.sync_bn and m.fused != "none":
+        _fail("model.sync_bn", "SyncBatchNorm replaces the fused blocks' batch norms: set model.fused=none with it")
     if m.cuda_graphs and m.compile:
         _fail("model.cuda_graphs", "use either model.cuda_graphs or model.compile (compile_mode=reduce-overhead "
                                    "captures CUDA graphs itself)")

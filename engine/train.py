@@ -39,7 +39,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -403,12 +403,14 @@ def vocab_size(cfg: Config, world: int) -> int:
         return int(json.load(f)["vocab_size"])
 
 
-def build_trunk(cfg: Config, fused: Optional[bool] = None) -> nn.Module:
-    """The trunk alone (num_classes=0: forward returns pooled features)."""
+def build_trunk(cfg: Config, fused: Optional[Union[bool, str]] = None) -> nn.Module:
+    """The trunk alone (num_classes=0: forward returns pooled features); `fused` overrides
+    model.fused (False: plain blocks)."""
     from engine.models.resnext import create_model, resnext
 
     m = cfg.model
     fused = m.fused if fused is None else fused
+    fused = False if fused == "none" else fused
     if m.name == "custom":
         return resnext(list(m.layers), m.groups, m.width_per_group, fused=fused, num_classes=0,
                        zero_init_residual=m.zero_init_residual)

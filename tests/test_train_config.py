@@ -156,3 +156,15 @@ def test_cli_errors_name_the_field(capsys, tmp_path):
     assert printed["train"]["steps"] == 7 and printed["preset"] == "tiny"
     assert main(["train", "--list-presets"]) == 0
     assert "paper-32x48d-17k" in capsys.readouterr().out
+
+
+def test_one_switch_selects_the_fused_blocks():
+    from engine.models import ConvBNBottleneck, FusedBottleneck
+    from engine.train import build_trunk
+
+    for mode, block in (("bn_act", FusedBottleneck), ("conv", ConvBNBottleneck)):
+        cfg = apply_overrides(get_preset("tiny"), [f"model.fused={mode}", "data.synthetic=true"])
+        validate(cfg, 1)
+        assert isinstance(build_trunk(cfg).layer1[0], block)
+    with pytest.raises(ConfigError, match="model.fused: must be one of none, bn_act, conv"):
+        validate(apply_overrides(get_preset("tiny"), ["model.fused=everything", "data.synthetic=true"]), 1)

@@ -12,9 +12,12 @@ fewer passes over memory:
 
 training forward
     conv1 GEMM, bn1 statistics in its epilogue            a1 written
-    bn1 + ReLU apply pass                                 h1 written (cuDNN's 3x3 input)
-    grouped 3x3: F.conv2d (cuDNN on a GPU)                a2 written
-    bn2 statistics pass                                   (read only)
+    grouped 3x3, one of two ways, autotuned per shape on a GPU (engine.ops.grouped_conv;
+    always the first in Triton's CPU interpreter):
+      Triton (engine.kernels.grouped_conv): bn1 + ReLU on its load, bn2 statistics in its
+      epilogue                                            a2 written; h1 never exists
+      cuDNN: bn1 + ReLU apply pass, F.conv2d, bn2 statistics pass
+                                                          h1 and a2 written
     conv3 GEMM, bn2 + ReLU in its prologue, bn3 statistics in its epilogue
                                                           a3 written; h2 never exists
     [downsample GEMM, bn_d statistics in its epilogue]    a_d written
@@ -23,7 +26,8 @@ training backward
     tail reduce: ReLU mask, bn3 [and bn_d] sums           masked gradient written (the shortcut's)
     conv3 dgrad: bn3 backward in its prologue; bn2's ReLU mask and backward sums in its epilogue
     conv3 wgrad: bn3 backward and bn2 + ReLU recomputed in its prologues
-    bn2 backward apply pass (the 3x3's output gradient), then cuDNN's 3x3 backward
+    bn2 backward apply pass (the 3x3's output gradient), then the 3x3's backward: Triton's
+    dgrad and wgrad (bn1 + ReLU recomputed from a1 on load), or cuDNN's from h1
     bn1 reduce: ReLU mask recomputed, backward sums      (read only)
     [downsample dgrad and wgrad: bn_d backward in their prologues]
     conv1 dgrad: bn1 ReLU + backward in its prologue, shortcut gradient added in its epilogue
@@ -145,6 +149,24 @@ def _kernels():
     return triton_conv_bn
 
 
+def _grouped_kernels():
+    from engine.kernels import grouped_conv
+    return grouped_conv
+
+
+def _grouped_3x3_span(x: Tensor, width: int, c_out3x3: int, stride: int, groups: int) -> int:
+    """How the training block runs its grouped 3x3: -1 on cuDNN (bn1's apply pass before it,
+    a statistics pass after), else on the Triton kernel with both fused, at this tile span
+    (0: the kernel's default). On CUDA the faster, autotuned per shape; on CPU (the
+    interpreter, tests) always the Triton kernel, so that the tests check it."""
+    if not x.is_cuda:
+        return 0
+    from engine.ops.grouped_conv import span_of, tuned_choice
+    choice = tuned_choice((x.shape[0], width, x.shape[2], x.shape[3]), x.dtype, x.device, c_out3x3, stride, groups,
+                          True, True, True)
+    return -1 if choice == "reference" else span_of(choice)
+
+
 def _triton_supports(x, w1, bn1, w2, bn2, w3, bn3, wd=None, bnd=None, *, stride=1, groups=1, training=True,
                      momentum=0.1, eps=1e-5, forced):
     if x.dtype not in FAST_DTYPES:
@@ -173,7 +195,7 @@ class _TrainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, w2, w3, wd, g1, b1, g2, b2, g3, b3, gd, bd, rm1, rv1, rm2, rv2, rm3, rv3, rmd, rvd,
-                stride, groups, momentum, eps):
+                stride, groups, momentum, eps, span3):
         k = _kernels()
         dtype = x.dtype
         cin, width, c_out = x.shape[1], w1.shape[0], w3.shape[0]
@@ -183,9 +205,15 @@ class _TrainFunction(torch.autograd.Function):
         w3c = w3.to(dtype).reshape(c_out, width)
         a1, mean1, invstd1, s1, t1 = k.conv_bn_fwd_triton(x, w1c, None, None, None, None, 1, False,
                                                           g1, b1, rm1, rv1, momentum, eps)
-        h1 = k.conv_bn_apply_triton(a1, s1, t1, None, None, None, True)
-        a2 = F.conv2d(h1, w2c, None, stride, 1, 1, groups).contiguous(memory_format=NHWC)
-        mean2, invstd2, s2, t2 = k.conv_bn_stats_triton(a2, g2, b2, rm2, rv2, momentum, eps)
+        if span3 < 0:
+            h1 = k.conv_bn_apply_triton(a1, s1, t1, None, None, None, True)
+            a2 = F.conv2d(h1, w2c, None, stride, 1, 1, groups).contiguous(memory_format=NHWC)
+            mean2, invstd2, s2, t2 = k.conv_bn_stats_triton(a2, g2, b2, rm2, rv2, momentum, eps)
+        else:
+            # bn1 + ReLU applied on the 3x3's load and bn2's statistics in its epilogue: h1 never exists.
+            h1 = None
+            a2, mean2, invstd2, s2, t2 = _grouped_kernels().grouped_conv_bn_fwd_triton(
+                a1, w2c, s1, t1, stride, groups, span3 or None, g2, b2, rm2, rv2, momentum, eps)
         a3, mean3, invstd3, s3, t3 = k.conv_bn_fwd_triton(a2, w3c, s2, t2, None, None, 1, False,
                                                           g3, b3, rm3, rv3, momentum, eps)
         if wd is None:
@@ -200,7 +228,7 @@ class _TrainFunction(torch.autograd.Function):
                               mean1, invstd1, s1, t1, mean2, invstd2, s2, t2, mean3, invstd3, s3, t3,
                               meand, invstdd, sd, td)
         # Gradients come back in each parameter's own shape and dtype (fp32 master weights under autocast).
-        ctx.config = (stride, groups, [(t.shape, t.dtype) if t is not None else None
+        ctx.config = (stride, groups, span3, [(t.shape, t.dtype) if t is not None else None
                                        for t in (w1, w2, w3, wd, g1, b1, g2, b2, g3, b3, gd, bd)])
         return out
 
@@ -208,7 +236,7 @@ class _TrainFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         (x, a1, h1, a2, a3, ad, w1c, w2c, w3c, wdc, g1, g2, g3, gd, mean1, invstd1, s1, t1, mean2, invstd2, s2, t2,
          mean3, invstd3, s3, t3, meand, invstdd, sd, td) = ctx.saved_tensors
-        stride, groups, param_specs = ctx.config
+        stride, groups, span3, param_specs = ctx.config
         k = _kernels()
         n, _, h, w = x.shape
         m_in = n * h * w
@@ -220,11 +248,18 @@ class _TrainFunction(torch.autograd.Function):
         dh2, sums2 = k.conv_bn_dgrad_triton(gm, a3, kg3, kx3, k03, None, None, w3c, a2, s2, t2, mean2, None, 1)
         dw3 = k.conv_bn_wgrad_triton(gm, a3, kg3, kx3, k03, None, None, a2, s2, t2, 1)
         dg2, db2, kg2, kx2, k02 = k.conv_bn_bwd_coeff_triton(sums2[0], sums2[1], mean2, invstd2, g2, m_out)
-        # The 3x3's output gradient: bn2's backward, the one pass cuDNN's opaque call forces.
+        # The 3x3's output gradient: bn2's backward, a pass of its own that cuDNN's opaque call forces
+        # (the Triton 3x3 could take it in its dgrad and wgrad prologues instead; not done yet).
         da2 = k.conv_bn_apply_triton(a2, kx2, k02, dh2, kg2, torch.zeros_like(k02), False)
-        dh1, dw2, _ = torch.ops.aten.convolution_backward(da2, h1, w2c, None, [stride, stride], [1, 1], [1, 1],
-                                                          False, [0, 0], groups, [True, True, False])
-        dh1 = dh1.contiguous(memory_format=NHWC)
+        if h1 is not None:
+            dh1, dw2, _ = torch.ops.aten.convolution_backward(da2, h1, w2c, None, [stride, stride], [1, 1], [1, 1],
+                                                              False, [0, 0], groups, [True, True, False])
+            dh1 = dh1.contiguous(memory_format=NHWC)
+        else:
+            gk = _grouped_kernels()
+            dh1 = gk.grouped_conv_dgrad_triton(da2, w2c, [h, w], stride, groups, span3 or None)
+            # h1 recomputed from a1 on load, as in the forward.
+            dw2 = gk.grouped_conv_wgrad_triton(da2, a1, s1, t1, w2c.shape[0], stride, groups, span3 or None)
         _, sums1 = k.conv_bn_bwd_reduce_triton(dh1, a1, s1, t1, mean1, None, None, None, None, False)
         dg1, db1, kg1, kx1, k01 = k.conv_bn_bwd_coeff_triton(sums1[0], sums1[1], mean1, invstd1, g1, m_in)
         dwd = dgd = dbd = None
@@ -244,7 +279,7 @@ class _TrainFunction(torch.autograd.Function):
 
         grads = (dw1, dw2, dw3, dwd, dg1, db1, dg2, db2, dg3, db3, dgd, dbd)
         param_grads = [None if d is None else d.reshape(spec[0]).to(spec[1]) for d, spec in zip(grads, param_specs)]
-        return (dx, *param_grads, *([None] * 12))
+        return (dx, *param_grads, *([None] * 13))
 
 
 def _folded_forward(x, w1, bn1, w2, bn2, w3, bn3, wd, bnd, stride, groups, eps):
@@ -281,7 +316,8 @@ def conv_bn_bottleneck_triton(x, w1, bn1, w2, bn2, w3, bn3, wd=None, bnd=None, *
     return _TrainFunction.apply(x, w1, w2, w3, wd, bn1.weight, bn1.bias, bn2.weight, bn2.bias, bn3.weight, bn3.bias,
                                 bnd.weight, bnd.bias, bn1.running_mean, bn1.running_var, bn2.running_mean,
                                 bn2.running_var, bn3.running_mean, bn3.running_var, bnd.running_mean,
-                                bnd.running_var, int(stride), int(groups), float(momentum), float(eps))
+                                bnd.running_var, int(stride), int(groups), float(momentum), float(eps),
+                                _grouped_3x3_span(x, w1.shape[0], w2.shape[0], stride, groups))
 
 
 conv_bn_bottleneck_op = define("conv_bn_bottleneck")

@@ -1,0 +1,250 @@
+"""grouped_conv3x3: ResNeXt's grouped 3x3 convolution (padding 1, stride 1 or 2), with the
+previous batch norm + ReLU as an optional prologue and this output's batch-norm
+statistics as an optional epilogue.
+
+    h = relu(x * in_scale + in_shift)    per input channel, in x's dtype (or h = x)
+    y = conv2d(h, weight, stride, padding=1, groups)
+    stats: also mean and biased variance of y per output channel (fp32)
+
+The reference backend is exactly that in PyTorch (cuDNN on a GPU); it is the
+specification. The triton backend (engine.kernels.grouped_conv) is one implicit-GEMM
+kernel per direction, with several narrow groups packed into each tile, h recomputed on
+load instead of stored, and the statistics reduced in the forward's epilogue.
+
+On CUDA tensors the choice is autotuned: the first call with a shape times the reference
+and the Triton kernel at each tile span, forward and (when gradients are needed)
+backward, and the fastest is kept in the autotune cache (engine.ops.autotune), so the op
+is never slower than cuDNN on a shape it has timed. On CPU tensors there is no timing: the
+reference runs, and the Triton interpreter only when forced (tests).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from engine.ops import backends
+from engine.ops.autotune import default_tuner
+from engine.ops.dispatch import define
+
+FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NHWC = torch.channels_last
+
+
+def check_inputs(x: Tensor, weight: Tensor, stride: int, groups: int, in_scale: Optional[Tensor],
+                 in_shift: Optional[Tensor], stats: bool) -> None:
+    """Errors every backend shares, raised before any work."""
+    name = "grouped_conv3x3"
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"{name}: x must be a 4-D floating-point tensor [N, C, H, W], got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"{name}: x is empty, shape {tuple(x.shape)}")
+    if stride not in (1, 2):
+        raise ValueError(f"{name}: stride must be 1 or 2, got {stride}")
+    if groups < 1 or x.shape[1] % groups:
+        raise ValueError(f"{name}: x's {x.shape[1]} channels are not divisible by groups={groups}")
+    c_in = x.shape[1]
+    if weight.dim() != 4 or weight.shape[1:] != (c_in // groups, 3, 3) or weight.shape[0] % groups:
+        raise ValueError(f"{name}: weight must have shape [Cout, {c_in // groups}, 3, 3] with Cout divisible by "
+                         f"{groups} (x has {c_in} channels, groups {groups}), got {list(weight.shape)}")
+    if not weight.is_floating_point() or weight.device != x.device:
+        raise ValueError(f"{name}: weight must be floating point on {x.device}, got {weight.dtype} on {weight.device}")
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError(f"{name}: pass both in_scale and in_shift (the prologue), or neither")
+    for field, t in (("in_scale", in_scale), ("in_shift", in_shift)):
+        if t is not None and (t.shape != (c_in,) or t.dtype != torch.float32 or t.device != x.device):
+            raise ValueError(f"{name}: {field} must be fp32 [{c_in}] on {x.device}, got {t.dtype} "
+                             f"{list(t.shape)} on {t.device}")
+    if stats:
+        n, _, h, w = x.shape
+        if n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1) < 2:
+            raise ValueError(f"{name}: statistics need more than 1 value per channel, x is {tuple(x.shape)}")
+
+
+def _prologue(x: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor]) -> Tensor:
+    if in_scale is None:
+        return x
+    return F.relu(x.float() * in_scale.view(1, -1, 1, 1) + in_shift.view(1, -1, 1, 1)).to(x.dtype)
+
+
+def grouped_conv3x3_reference(x: Tensor, weight: Tensor, *, stride: int = 1, groups: int = 1,
+                              in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None,
+                              stats: bool = False):
+    """The specification: the prologue, F.conv2d (weight cast to x's dtype, as under
+    autocast), and the statistics of y as stored."""
+    y = F.conv2d(_prologue(x, in_scale, in_shift), weight.to(x.dtype), None, stride, 1, 1, groups)
+    if not stats:
+        return y
+    yf = y.float()
+    return y, yf.mean((0, 2, 3)), yf.var((0, 2, 3), unbiased=False)
+
+
+def _kernels():
+    from engine.kernels import grouped_conv
+    return grouped_conv
+
+
+def _merge_partials(part: Tensor, rows_per_part: int, m: int) -> tuple[Tensor, Tensor]:
+    """Per-tile (sum, centred sum of squares) -> mean and biased variance (Chan et al.)."""
+    tiles = part.shape[1]
+    counts = (m - torch.arange(tiles, device=part.device) * rows_per_part).clamp(max=rows_per_part)
+    counts = counts.to(torch.float32)[:, None]
+    mean = part[0].sum(0) / m
+    tile_mean = part[0] / counts
+    m2 = part[1].sum(0) + (counts * (tile_mean - mean) ** 2).sum(0)
+    return mean, m2 / m
+
+
+class _Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, in_scale, in_shift, stride, groups, stats, span):
+        k = _kernels()
+        w = weight.to(x.dtype)
+        y, part = k.grouped_conv_fwd_triton(x, w, in_scale, in_shift, stride, groups, stats, span)
+        ctx.config = (stride, groups, span, weight.dtype)
+        if not stats:
+            ctx.save_for_backward(x, w, in_scale, in_shift, None, None)
+            return y
+        n, _, ho, wo = y.shape
+        mean, var = _merge_partials(part, k.part_rows(x.dtype, x.device), n * ho * wo)
+        ctx.save_for_backward(x, w, in_scale, in_shift, y, mean)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean=None, grad_var=None):
+        x, w, in_scale, in_shift, y, mean = ctx.saved_tensors
+        stride, groups, span, weight_dtype = ctx.config
+        k = _kernels()
+        g = grad_y
+        if y is not None:
+            m = y.shape[0] * y.shape[2] * y.shape[3]
+            # mean = sum(y) / m and var = sum((y - mean)^2) / m, so d/dy = 1/m and 2 (y - mean) / m.
+            g = (g.float() + grad_mean.view(1, -1, 1, 1) / m
+                 + grad_var.view(1, -1, 1, 1) * 2.0 / m * (y.float() - mean.view(1, -1, 1, 1)))
+        g = g.to(x.dtype).contiguous(memory_format=NHWC)
+        dx = dw = dscale = dshift = None
+        if ctx.needs_input_grad[1]:
+            dw = k.grouped_conv_wgrad_triton(g, x, in_scale, in_shift, w.shape[0], stride, groups,
+                                             span).to(weight_dtype)
+        if any(ctx.needs_input_grad[i] for i in (0, 2, 3)):
+            dh = k.grouped_conv_dgrad_triton(g, w, [x.shape[2], x.shape[3]], stride, groups, span)
+            if in_scale is None:
+                dx = dh
+            else:
+                xf = x.float()
+                scale, shift = in_scale.view(1, -1, 1, 1), in_shift.view(1, -1, 1, 1)
+                dpre = torch.where(xf * scale + shift > 0, dh.float(), 0.0)
+                dx = (dpre * scale).to(x.dtype)
+                dscale = (dpre * xf).sum((0, 2, 3))
+                dshift = dpre.sum((0, 2, 3))
+        return dx, dw, dscale, dshift, None, None, None, None
+
+
+def grouped_conv3x3_triton(x, weight, *, stride=1, groups=1, in_scale=None, in_shift=None, stats=False):
+    span = None
+    if x.is_cuda:
+        span = span_of(tuned_choice(x.shape, x.dtype, x.device, weight.shape[0], stride, groups,
+                                    in_scale is not None, stats, _wants_grad(x, weight, in_scale)))
+    return _Function.apply(x, weight, in_scale, in_shift, int(stride), int(groups), bool(stats), span)
+
+
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# This process's choices by shape, which torch.compile's tracing reads (it cannot time or read files).
+_CHOICES: dict[str, str] = {}
+
+
+def tuned_choice(shape, dtype: torch.dtype, device: torch.device, c_out: int, stride: int, groups: int,
+                 prologue: bool, stats: bool, train: bool) -> str:
+    """'reference' (cuDNN) or 'triton:<span>', the fastest for a CUDA input of this shape,
+    timed on random inputs the first time and cached (engine.ops.autotune). Under
+    torch.compile only the choices made eagerly in this process are known; an unknown
+    shape gets cuDNN there, never slower than the baseline."""
+    n, c, h, w = shape
+    key = (f"grouped_conv3x3|{'fwd+bwd' if train else 'fwd'}|{str(dtype)[6:]}|n{n} c{c} h{h} w{w}|"
+           f"cout{c_out} g{groups} s{stride}|prologue={prologue} stats={stats}")
+    if torch.compiler.is_compiling():
+        return _CHOICES.get(key, "reference")
+    if key not in _CHOICES:
+        tuner_key = f"{torch.cuda.get_device_name(device)}|{key}"
+        _CHOICES[key] = default_tuner().choose(
+            tuner_key, _candidates(tuple(shape), c_out, stride, groups, dtype, device, prologue, stats, train))
+    return _CHOICES[key]
+
+
+def span_of(choice: str) -> Optional[int]:
+    """The Triton tile span of a 'triton:<span>' choice; None for the reference."""
+    return int(choice.split(":")[1]) if choice.startswith("triton:") else None
+
+
+def _candidates(shape, c_out, stride, groups, dtype, device, prologue, stats, train) -> dict:
+    """Callables running the op, forward and (train) backward, on random inputs of the
+    shape: the reference, and the Triton kernel at each tile span with a distinct tiling."""
+    k = _kernels()
+    n, c, h, w = shape
+    tilings = {}
+    for span in k.SPANS:
+        tiling = k._tiling(c // groups, c_out // groups, groups, dtype, device, span)
+        tilings.setdefault(tuple(sorted(tiling.items())), span)
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=NHWC).requires_grad_(train)
+    weight = torch.randn(c_out, c // groups, 3, 3, device=device).requires_grad_(train)
+    scale = torch.rand(c, device=device).add_(0.5).requires_grad_(train) if prologue else None
+    shift = torch.randn(c, device=device).requires_grad_(train) if prologue else None
+    grad = torch.randn(n, c_out, (h - 1) // stride + 1, (w - 1) // stride + 1, device=device,
+                       dtype=dtype).contiguous(memory_format=NHWC)
+    inputs = [t for t in (x, weight, scale, shift) if t is not None]
+
+    def runner(fn):
+        def call():
+            out = fn()
+            if train:
+                torch.autograd.grad(out[0] if stats else out, inputs, grad)
+        return call
+
+    out = {"reference": runner(lambda: grouped_conv3x3_reference(x, weight, stride=stride, groups=groups,
+                                                                 in_scale=scale, in_shift=shift, stats=stats))}
+    for span in tilings.values():
+        out[f"triton:{span}"] = runner(lambda span=span: _Function.apply(x, weight, scale, shift, stride, groups,
+                                                                         stats, span))
+    return out
+
+
+def _triton_supports(x, weight, *, stride=1, groups=1, in_scale=None, in_shift=None, stats=False, forced):
+    if x.dtype not in FAST_DTYPES:
+        return f"x dtype {x.dtype} is not one of float32, float16, bfloat16"
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return "bfloat16 tl.dot gives wrong results in Triton's CPU interpreter (triton 3.8)"
+    if not x.is_contiguous(memory_format=NHWC):
+        return f"x must be channels_last (NHWC), got strides {x.stride()}"
+    reason = backends.triton_accepts(x, weight, in_scale, in_shift, forced=forced)
+    if reason is not None or forced or not x.is_cuda:
+        return reason
+    choice = tuned_choice(x.shape, x.dtype, x.device, weight.shape[0], stride, groups, in_scale is not None,
+                          stats, _wants_grad(x, weight, in_scale))
+    if choice == "reference":
+        return "autotuned: cuDNN (the reference) is faster for this shape"
+    return None
+
+
+grouped_conv3x3_op = define("grouped_conv3x3", preference=("triton", "reference"))
+grouped_conv3x3_op.register("reference", grouped_conv3x3_reference)
+grouped_conv3x3_op.register("triton", grouped_conv3x3_triton, available=backends.triton_status,
+                            scope=backends.triton_scope, supports=_triton_supports)
+
+
+def grouped_conv3x3(x: Tensor, weight: Tensor, *, stride: int = 1, groups: int = 1,
+                    in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None, stats: bool = False,
+                    backend: Optional[str] = None):
+    """y = conv2d(relu(x * in_scale + in_shift) or x, weight, stride, padding=1, groups) for
+    x [N, Cin, H, W] (channels_last for the triton backend), weight [Cout, Cin/groups, 3, 3],
+    in_scale and in_shift fp32 [Cin]. With stats, returns (y, mean, var): y's per-channel
+    mean and biased variance in fp32, differentiable. `backend` forces one."""
+    check_inputs(x, weight, stride, groups, in_scale, in_shift, stats)
+    return grouped_conv3x3_op(x, weight, stride=stride, groups=groups, in_scale=in_scale, in_shift=in_shift,
+                              stats=stats, backend=backend)
