@@ -14,6 +14,8 @@ from typing import Callable, Optional
 
 import torch
 
+from engine.ops.autotune import cuda_timer
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -50,22 +52,15 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
 
 def time_ms(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 20) -> float:
     """Median milliseconds per call: CUDA events on a GPU, a synchronised wall clock otherwise."""
+    if torch.cuda.is_available():
+        return cuda_timer(fn, warmup=warmup, repeat=repeat)
     for _ in range(warmup):
         fn()
     samples = []
-    cuda = torch.cuda.is_available()
     for _ in range(repeat):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
     samples.sort()
     return samples[len(samples) // 2]
 

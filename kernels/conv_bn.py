@@ -154,6 +154,20 @@ def _bn_grad_tile(
 
 
 @triton.jit
+def _store_tile_stats(y, ok, col_ok, cols, PART, pid_m, M, N, BLOCK_M: tl.constexpr):
+    """A GEMM epilogue's per-channel statistics partials of one row tile: the sum and the
+    sum of squares about the tile's own mean (merged later with Chan's formula), taken on
+    the stored values, which are what an unfused batch norm would read back."""
+    yf = tl.where(ok, y.to(tl.float32), 0.0)
+    count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+    total = tl.sum(yf, 0)
+    d = tl.where(ok, yf - (total / count)[None, :], 0.0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tl.store(PART + pid_m * N + cols, total, mask=col_ok)
+    tl.store(PART + (tiles_m + pid_m) * N + cols, tl.sum(d * d, 0), mask=col_ok)
+
+
+@triton.jit
 def _fwd_kernel(
     X,                  # [rows of the input, K] NHWC input
     WT,                 # [N, K] weight
@@ -195,14 +209,7 @@ def _fwd_kernel(
     y = acc.to(Y.dtype.element_ty)
     tl.store(Y + offs, y, mask=ok)
     if STATS:
-        # Statistics of the stored values: what an unfused batch norm would read back.
-        yf = tl.where(ok, y.to(tl.float32), 0.0)
-        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-        total = tl.sum(yf, 0)
-        d = tl.where(ok, yf - (total / count)[None, :], 0.0)
-        tiles_m = tl.cdiv(M, BLOCK_M)
-        tl.store(PART + pid_m * N + cols, total, mask=col_ok)
-        tl.store(PART + (tiles_m + pid_m) * N + cols, tl.sum(d * d, 0), mask=col_ok)
+        _store_tile_stats(y, ok, col_ok, cols, PART, pid_m, M, N, BLOCK_M)
 
 
 @triton.jit

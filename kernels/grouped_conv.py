@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 # The statistics partials are kernels.conv_bn's format, finalised by its kernels.
-from .conv_bn import _dot_precision, _finalize, _nhwc_empty, _strided_size
+from .conv_bn import _dot_precision, _finalize, _nhwc_empty, _store_tile_stats, _strided_size
 
 # Channels a packed tile aims to span: tl.dot's minimum in the interpreter (so the tests
 # see packs, ragged packs and multi-tile groups), 32 on a GPU so that each pixel's slice
@@ -130,14 +130,7 @@ def _conv_kernel(
     y = acc.to(Y.dtype.element_ty)
     tl.store(Y + r[:, None] * C_total + cols[None, :], y, mask=ok)
     if STATS:
-        # Statistics of the stored values: what an unfused batch norm would read back.
-        yf = tl.where(ok, y.to(tl.float32), 0.0)
-        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-        total = tl.sum(yf, 0)
-        d = tl.where(ok, yf - (total / count)[None, :], 0.0)
-        tiles_m = tl.cdiv(M, BLOCK_M)
-        tl.store(PART + pid_m * C_total + cols, total, mask=col_ok)
-        tl.store(PART + (tiles_m + pid_m) * C_total + cols, tl.sum(d * d, 0), mask=col_ok)
+        _store_tile_stats(y, ok, col_ok, cols, PART, pid_m, M, C_total, BLOCK_M)
 
 
 @triton.jit
