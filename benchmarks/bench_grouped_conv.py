@@ -1,10 +1,11 @@
 """The grouped 3x3 convolution of every ResNeXt-101 32xCd stage, forward, data gradient and
-weight gradient: the Triton kernels (engine.kernels.grouped_conv, best tile span) beside
-cuDNN on channels_last and on NCHW tensors, in the same run. Per row: milliseconds,
+weight gradient: the Triton kernels (engine.kernels.grouped_conv, best tile span) and, for
+group widths up to 8, the direct CUDA kernels (csrc/grouped_conv_cuda.cu) beside cuDNN on
+channels_last and on NCHW tensors, in the same run. Per row: milliseconds,
 effective bandwidth (the bytes the operation must move at least: its input, output and
 weight, once) and useful TFLOP/s. "triton[fused]" is the forward with the previous batch
 norm + ReLU applied on load and its own batch-norm statistics in the epilogue, which
-cuDNN would need two extra passes for.
+cuDNN would need two extra passes for; "cuda[fused]" the same on the direct kernel.
 
     python -m benchmarks.bench_grouped_conv --out benchmarks/results/grouped_conv_h100.json
     python -m benchmarks.bench_grouped_conv --smoke --out /tmp/grouped_conv_smoke.json   # CPU, tiny shapes
@@ -40,6 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.common import environment, plot_results, time_ms, write_json  # noqa: E402
 from engine.kernels import grouped_conv as K  # noqa: E402
+from engine.ops import backends  # noqa: E402
 
 # name -> (groups, base width, batch): the issue's batches, 64 for the widest.
 ARCHS = {"32x4d": (32, 4, 256), "32x8d": (32, 8, 256), "32x16d": (32, 16, 256), "32x32d": (32, 32, 256),
@@ -113,6 +115,20 @@ def main(argv=None) -> int:
                     index = 0 if direction == "dgrad" else 1
                     return lambda: conv_backward(gs, xs, weight, stride, groups, mask)[index]
 
+                def cuda_fn(direction, fused=False):
+                    from engine.ops import _cuda_grouped_conv as C
+                    if direction == "fwd":
+                        if fused:
+                            return lambda: C.forward(x_nhwc, weight, scale, shift, stride, True)[0]
+                        return lambda: C.forward(x_nhwc, weight, None, None, stride, False)[0]
+                    if direction == "dgrad":
+                        return lambda: C.dgrad(grad_nhwc, weight, [in_res, in_res], stride)
+                    return lambda: C.wgrad(grad_nhwc, x_nhwc, None, None, stride, gw)
+
+                # On a GPU only a CUDA build runs them; on the CPU (smoke) the same ops run their C++ loop.
+                with_cuda = (gw in (1, 2, 4, 8) and backends.load_extension() is not None
+                             and (device.type == "cpu" or backends.extension_has_cuda()))
+
                 spans = {}
                 for span in K.SPANS:
                     tiling = K._tiling(gw, gw, groups, dtype, device, span)
@@ -145,6 +161,13 @@ def main(argv=None) -> int:
                         _record(payload, args.out, dict(base, impl="triton[fused]", span=best),
                                 triton_fn(direction, best, fused=True), warmup, repeat, bytes_moved[direction],
                                 flops)
+                    if with_cuda:
+                        diff = (cuda_fn(direction)().float() - expected[direction].float()).abs().max().item()
+                        _record(payload, args.out, dict(base, impl="cuda", max_abs_diff_vs_nchw=diff),
+                                cuda_fn(direction), warmup, repeat, bytes_moved[direction], flops)
+                        if direction == "fwd":
+                            _record(payload, args.out, dict(base, impl="cuda[fused]"), cuda_fn(direction, True),
+                                    warmup, repeat, bytes_moved[direction], flops)
                 del x, x_nhwc, weight, grad, grad_nhwc, y_ref, dx_ref, dw_ref, expected
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -513,12 +513,17 @@ def wrap_trunk(cfg: Config, trunk: nn.Module, d: DistInfo, device: torch.device,
     if m.sync_bn and d.world > 1:
         trunk = nn.SyncBatchNorm.convert_sync_batchnorm(trunk, process_group=d.group)
     trunk.train()
-    if m.cuda_graphs:
+    if device.type == "cuda" and (m.compile or m.cuda_graphs):
+        from engine.models import autotune_fused_blocks
+
         fmt = torch.channels_last if m.channels_last else torch.contiguous_format
-        sample = torch.randn(micro, 3, cfg.data.image_size, cfg.data.image_size, device=device,
-                             dtype=amp_dtype).contiguous(memory_format=fmt)
+        sample = torch.randn(micro, 3, cfg.data.image_size, cfg.data.image_size, device=device, dtype=amp_dtype,
+                             generator=torch.Generator(device).manual_seed(0)).contiguous(memory_format=fmt)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32, cache_enabled=False):
-            trunk = torch.cuda.make_graphed_callables(trunk, (sample,))
+            # Fused blocks choose their grouped 3x3 by timing, which neither tracing nor capture can do.
+            autotune_fused_blocks(trunk, sample)
+            if m.cuda_graphs:
+                trunk = torch.cuda.make_graphed_callables(trunk, (sample,))
     ddp = None
     model = trunk
     if d.world > 1:

@@ -1,7 +1,8 @@
-"""grouped_conv3x3: the Triton kernels (forward, data and weight gradients, the batch-norm
-prologue and the statistics epilogue) against F.conv2d with groups, for group widths from
-1 to 48 (packed and multi-tile groups), strides 1 and 2, odd sizes and a batch of one;
-the dispatcher's choice; the autotune cache, including corrupt and stale files."""
+"""grouped_conv3x3: the Triton kernels and the direct CUDA kernels (forward, data and weight
+gradients, the batch-norm prologue and the statistics epilogue) against F.conv2d with
+groups, for group widths from 1 to 48 (packed and multi-tile groups; the CUDA kernels take
+1, 2, 4 and 8 and run their C++ loop here on a CPU), strides 1 and 2, odd sizes and a batch
+of one; the dispatcher's choice; the autotune cache, including corrupt and stale files."""
 
 import json
 import subprocess
@@ -17,7 +18,7 @@ from torchvision.models.resnet import Bottleneck as TorchvisionBottleneck
 from engine.kernels import grouped_conv as GK
 from engine.models.fused_bottleneck import ConvBNBottleneck
 from engine.models.resnext import resnext
-from engine.ops import BackendUnavailableError
+from engine.ops import BackendUnavailableError, backends
 from engine.ops.autotune import Autotuner, default_path, default_tuner
 from engine.ops.grouped_conv import grouped_conv3x3, grouped_conv3x3_op, grouped_conv3x3_reference
 
@@ -29,6 +30,9 @@ NHWC = torch.channels_last
 # a GPU: bf16 tl.dot is wrong in Triton's interpreter.
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 4e-3),
           pytest.param(torch.bfloat16, 3e-2, marks=pytest.mark.gpu)]
+# The extension's C++ loop computes bf16 correctly on the CPU.
+CUDA_DTYPES = [(torch.float32, 1e-5), (torch.float16, 4e-3), (torch.bfloat16, 3e-2)]
+needs_extension = pytest.mark.skipif(backends.load_extension() is None, reason="engine._C is not built")
 
 # (groups, group width, stride, batch, height, width): widths 1 and 3 pack 16 and 5 groups
 # per tile (5 leaves a ragged last pack of 2), 4 packs 4, 8 packs 2, 16 fills a tile, 48
@@ -83,15 +87,29 @@ def _leaves(*tensors):
     return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
 
 
-@pytest.mark.parametrize("dtype, tol", DTYPES)
-@pytest.mark.parametrize("groups, width, stride, n, h, w", CASES)
-def test_matches_conv2d_with_prologue_and_stats(dtype, tol, groups, width, stride, n, h, w):
+def _backend_cases():
+    """(backend, dtype, tol, case): Triton for every case, the direct CUDA kernels for the
+    group widths they take."""
+    out = []
+    for case in CASES:
+        for entry in DTYPES:
+            (dtype, tol), marks = (entry.values, entry.marks) if hasattr(entry, "marks") else (entry, ())
+            out.append(pytest.param("triton", dtype, tol, case, id=f"triton-{dtype}-{case}", marks=marks))
+        if case[1] in (1, 2, 4, 8):
+            for dtype, tol in CUDA_DTYPES:
+                out.append(pytest.param("cuda", dtype, tol, case, id=f"cuda-{dtype}-{case}", marks=needs_extension))
+    return out
+
+
+@pytest.mark.parametrize("backend, dtype, tol, case", _backend_cases())
+def test_matches_conv2d_with_prologue_and_stats(backend, dtype, tol, case):
+    groups, width, stride, n, h, w = case
     x, weight, scale, shift = _inputs(groups, width, n, h, w, dtype, prologue=True)
     ours = _leaves(x, weight, scale, shift)
     theirs = _leaves(x.float(), weight, scale, shift)
     y, mean, var = grouped_conv3x3(ours[0], ours[1], stride=stride, groups=groups, in_scale=ours[2],
-                                   in_shift=ours[3], stats=True, backend="triton")
-    assert grouped_conv3x3_op.last_decision.backend == "triton"
+                                   in_shift=ours[3], stats=True, backend=backend)
+    assert grouped_conv3x3_op.last_decision.backend == backend
     # The reference rounds the normalised activation to dtype, as the kernel does.
     h_ref = F.relu(theirs[0] * theirs[2].view(1, -1, 1, 1) + theirs[3].view(1, -1, 1, 1))
     h_ref = h_ref + (h_ref.detach().to(dtype).float() - h_ref.detach())
@@ -116,12 +134,13 @@ def test_matches_conv2d_with_prologue_and_stats(dtype, tol, groups, width, strid
         assert_close_scaled(a.grad, b.grad, 4 * tol, name)
 
 
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=needs_extension)])
 @pytest.mark.parametrize("dtype, tol", DTYPES[:2])
 @pytest.mark.parametrize("groups, width, stride, n, h, w", [CASES[2], CASES[3]])
-def test_plain_convolution(dtype, tol, groups, width, stride, n, h, w):
+def test_plain_convolution(backend, dtype, tol, groups, width, stride, n, h, w):
     x, weight, _, _ = _inputs(groups, width, n, h, w, dtype, prologue=False)
     ours, theirs = _leaves(x, weight), _leaves(x.float(), weight.to(dtype).float())
-    y = grouped_conv3x3(ours[0], ours[1], stride=stride, groups=groups, backend="triton")
+    y = grouped_conv3x3(ours[0], ours[1], stride=stride, groups=groups, backend=backend)
     y_ref = F.conv2d(theirs[0], theirs[1], None, stride, 1, 1, groups)
     assert_close_scaled(y, y_ref, tol, "y")
     gy = torch.randn(y.shape).to(DEVICE, dtype)
@@ -149,6 +168,7 @@ def test_cpu_runs_the_reference_unless_forced():
     decision = grouped_conv3x3_op.last_decision
     assert decision.backend == "reference" and not decision.forced
     assert "CPU" in decision.skipped["triton"]
+    assert "CPU" in decision.skipped["cuda"] or "not built" in decision.skipped["cuda"]
 
 
 def test_forced_triton_names_what_it_cannot_run():
@@ -157,6 +177,60 @@ def test_forced_triton_names_what_it_cannot_run():
         grouped_conv3x3(x.contiguous(), weight, groups=4, backend="triton")
     with pytest.raises(BackendUnavailableError, match="float64"):
         grouped_conv3x3(x.double(), weight, groups=4, backend="triton")
+
+
+@needs_extension
+def test_forced_cuda_names_what_it_cannot_run():
+    x, weight, _, _ = _inputs(4, 3, 1, 3, 3, torch.float32, prologue=False)
+    with pytest.raises(BackendUnavailableError, match="group width 3 is not 1, 2, 4 or 8"):
+        grouped_conv3x3(x, weight, groups=4, backend="cuda")
+    x, weight, _, _ = _inputs(4, 4, 1, 3, 3, torch.float32, prologue=False)
+    with pytest.raises(BackendUnavailableError, match="channels_last"):
+        grouped_conv3x3(x.contiguous(), weight, groups=4, backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="Cout 8 != Cin 16"):
+        grouped_conv3x3(x, weight[:8], groups=4, backend="cuda")
+
+
+@needs_extension
+@pytest.mark.parametrize("call, message", [
+    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_fwd_cuda(x.contiguous(), w, None, None, 1, False, 8),
+     "x must be channels_last"),
+    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_fwd_cuda(x, w.half(), None, None, 1, False, 8),
+     "weight must be Float"),
+    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_fwd_cuda(x, w, None, None, 1, False, 0),
+     "rows_per_part must be positive"),
+    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_fwd_cuda(x[:, 1:], w[1:], None, None, 1, False, 8),
+     "must be channels_last|byte boundary"),
+    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_fwd_cuda(x, w, torch.ones(16), None, 1, False, 8),
+     "both in_scale and in_shift"),
+    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_dgrad_cuda(g, w, [7, 7], 2), r"input_hw \[7, 7\]"),
+    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_wgrad_cuda(g, x, None, None, 4, 1),
+     r"grad_y must have shape \[2, 16, 5, 5\]"),
+    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_wgrad_cuda(x, x, None, None, 3, 1),
+     "group widths 1, 2, 4 or 8"),
+])
+def test_extension_checks_its_arguments(call, message):
+    """The C++ boundary names the bad argument before any kernel runs (CPU and CUDA share it)."""
+    x = torch.randn(2, 16, 5, 5).contiguous(memory_format=NHWC)
+    weight = torch.randn(16, 4, 3, 3)
+    grad = torch.randn(2, 16, 3, 3).contiguous(memory_format=NHWC)
+    with pytest.raises(RuntimeError, match=message):
+        call(x, weight, grad)
+
+
+@needs_extension
+def test_cuda_statistics_partials_merge_over_ragged_tiles():
+    """The forward's per-tile partials (5 rows each on the CPU, the last one ragged) merge
+    into the statistics of y; empty tiles never occur, one-row tiles do."""
+    from engine.ops import _cuda_grouped_conv as C
+    from engine.ops.grouped_conv import _merge_partials
+    x, weight, scale, shift = _inputs(8, 2, 3, 4, 3, torch.float32, prologue=True)
+    y, part, rows = C.forward(x, weight, scale, shift, 1, True)
+    m = 3 * 4 * 3
+    assert part.shape == (2, -(-m // rows), 16) and m % rows == 1
+    mean, var = _merge_partials(part, rows, m)
+    torch.testing.assert_close(mean, y.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(var, y.var((0, 2, 3), unbiased=False), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -174,14 +248,15 @@ def test_bad_input_is_named(kwargs, message):
         grouped_conv3x3(x, weight, **kwargs)
 
 
-def test_traces_under_torch_compile():
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=needs_extension)])
+def test_traces_under_torch_compile(backend):
     """The fake implementations let torch.compile trace the kernels, forward and backward."""
     torch._dynamo.reset()
     x, weight, scale, shift = _inputs(8, 2, 1, 5, 3, torch.float32, prologue=True)
 
     def fn(x, w, s, b):
         y, mean, var = grouped_conv3x3(x, w, stride=2, groups=8, in_scale=s, in_shift=b, stats=True,
-                                       backend="triton")
+                                       backend=backend)
         return y.sum() + mean.sum() + var.sum()
 
     ours, theirs = _leaves(x, weight, scale, shift), _leaves(x, weight, scale, shift)
@@ -215,32 +290,72 @@ def _compare_training_step(fused, plain, x):
         torch.testing.assert_close(b, buffers[name], atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def _on_triton(net, monkeypatch):
+def _on_triton(net, monkeypatch, choice="triton"):
     import engine.ops.conv_bn as conv_bn
-    # On a GPU the 3x3 is autotuned and may stay on cuDNN; these tests are for the Triton kernel.
-    monkeypatch.setattr(conv_bn, "_grouped_3x3_span", lambda *args: 0)
+    # On a GPU the 3x3 is autotuned and may stay on cuDNN; these tests are for the fused kernels.
+    monkeypatch.setattr(conv_bn, "_grouped_3x3_choice", lambda *args: choice)
     blocks = [m for m in net.modules() if isinstance(m, ConvBNBottleneck)]
     for block in blocks:
         block.backend = "triton"
     return blocks
 
 
+def _block_chain(block):
+    """A downsampling block, an identity block and a stride-2 block in a row (group widths 1, 1, 2)."""
+    def down(c_in, c_out, stride):
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+    return nn.Sequential(block(16, 8, 1, down(16, 32, 1), 4, 8), block(32, 8, 1, None, 4, 8),
+                         block(32, 16, 2, down(32, 64, 2), 4, 8))
+
+
 def test_fused_blocks_match_torchvision(monkeypatch):
     """ConvBNBottleneck's Triton path, its grouped 3x3 fused with bn1 + ReLU on load and
-    bn2's statistics in the epilogue, against torchvision's blocks: a downsampling block,
-    an identity block and a stride-2 block in a row."""
-    def chain(block):
-        def down(c_in, c_out, stride):
-            return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
-        return nn.Sequential(block(16, 8, 1, down(16, 32, 1), 4, 8), block(32, 8, 1, None, 4, 8),
-                             block(32, 16, 2, down(32, 64, 2), 4, 8))
-    plain, fused = chain(TorchvisionBottleneck), chain(ConvBNBottleneck)
+    bn2's statistics in the epilogue, against torchvision's blocks."""
+    plain, fused = _block_chain(TorchvisionBottleneck), _block_chain(ConvBNBottleneck)
     assert len(_on_triton(fused, monkeypatch)) == 3
     launches, launch = [], GK._launch_conv
     monkeypatch.setattr(GK, "_launch_conv", lambda *args: launches.append(args[10]) or launch(*args))
     _compare_training_step(fused, plain, torch.randn(2, 16, 7, 5))
     # Each block's 3x3 ran on the Triton kernel, forward and data gradient (transposed).
     assert sorted(launches) == [False] * 3 + [True] * 3
+
+
+@needs_extension
+def test_fused_blocks_on_the_direct_kernel_match_torchvision(monkeypatch):
+    """The same blocks with the grouped 3x3 on the direct CUDA kernel (its C++ loop here):
+    bn1 + ReLU on its load, bn2's statistics from its partials, its dgrad and wgrad."""
+    from engine.ops import _cuda_grouped_conv as C
+    plain, fused = _block_chain(TorchvisionBottleneck), _block_chain(ConvBNBottleneck)
+    assert len(_on_triton(fused, monkeypatch, choice="cuda")) == 3
+    calls = []
+    for name in ("forward", "dgrad", "wgrad"):
+        monkeypatch.setattr(C, name, lambda *a, name=name, fn=getattr(C, name): calls.append(name) or fn(*a))
+    _compare_training_step(fused, plain, torch.randn(2, 16, 7, 5))
+    assert sorted(calls) == ["dgrad"] * 3 + ["forward"] * 3 + ["wgrad"] * 3
+
+
+def test_autotune_fused_blocks_visits_every_block_and_restores_buffers(monkeypatch):
+    """What the training loop runs before torch.compile or CUDA-graph capture: every fused
+    block asks for its 3x3's choice (timed on a GPU), and the forward leaves no trace."""
+    import engine.ops.conv_bn as conv_bn
+    from engine.models import autotune_fused_blocks
+    asked = []
+    monkeypatch.setattr(conv_bn, "_grouped_3x3_choice", lambda x, *args: asked.append((tuple(x.shape), *args))
+                        or "triton")
+    model = _block_chain(ConvBNBottleneck).to(memory_format=NHWC).train()
+    for block in model:
+        block.backend = "triton"
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    sample = torch.randn(2, 16, 7, 5).contiguous(memory_format=NHWC)
+    state = torch.random.get_rng_state()
+    assert autotune_fused_blocks(model, sample) == 3
+    # (input shape, width, 3x3 output channels, stride, groups) per block.
+    assert asked == [((2, 16, 7, 5), 4, 4, 1, 4), ((2, 32, 7, 5), 4, 4, 1, 4), ((2, 32, 7, 5), 8, 8, 2, 4)]
+    for name, b in model.named_buffers():
+        assert torch.equal(b, before[name]), name
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert autotune_fused_blocks(nn.Sequential(nn.Conv2d(3, 3, 1)), torch.randn(1, 3, 2, 2)) == 0
 
 
 @pytest.mark.gpu
@@ -320,8 +435,9 @@ def test_autotune_candidates_run_forward_and_backward(tmp_path):
     from engine.ops.grouped_conv import _candidates
     candidates = _candidates((1, 32, 3, 5), 32, 2, 16, torch.float32, torch.device(DEVICE), True, True, True)
     if DEVICE == "cpu":
-        # 16 groups of width 2: span 16 packs 8 groups, 32 and 64 all 16.
-        assert set(candidates) == {"reference", "triton:16", "triton:32"}
+        # 16 groups of width 2: span 16 packs 8 groups, 32 and 64 all 16; the direct kernel takes width 2.
+        expected = {"reference", "triton:16", "triton:32"} | ({"cuda"} if backends.extension_has_cuda() else set())
+        assert set(candidates) == expected
     tuner = Autotuner(tmp_path / "a.json", lambda fn: fn() or 1.0, VERSIONS)
     assert tuner.choose("k", candidates) == "reference"  # a tie goes to the first
 
@@ -352,6 +468,9 @@ def test_benchmark_smoke(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
-    assert {r["impl"] for r in rows} == {"triton", "triton[fused]", "cudnn[nhwc]", "cudnn[nchw]"}
+    impls = {"triton", "triton[fused]", "cudnn[nhwc]", "cudnn[nchw]"}
+    if backends.load_extension() is not None:
+        impls |= {"cuda", "cuda[fused]"}
+    assert {r["impl"] for r in rows} == impls
     assert {r["direction"] for r in rows} == {"fwd", "dgrad", "wgrad"}
-    assert all(r["max_abs_diff_vs_nchw"] < 1e-3 for r in rows if r["impl"] == "triton")
+    assert all(r["max_abs_diff_vs_nchw"] < 1e-3 for r in rows if r["impl"] in ("triton", "cuda"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from engine.ops.bn_act import BatchNormAct2d
@@ -86,3 +87,21 @@ class ConvBNBottleneck(nn.Module):
         return conv_bn_bottleneck(x, self.conv1.weight, bn1, self.conv2.weight, bn2, self.conv3.weight, bn3, wd, bnd,
                                   stride=self.stride, groups=self.groups, training=training,
                                   momentum=momentum if momentum is not None else 0.0, eps=eps, backend=self.backend)
+
+
+def autotune_fused_blocks(model: nn.Module, sample: Tensor) -> int:
+    """Runs one eager training-mode forward of `model` on `sample` so that every
+    ConvBNBottleneck's grouped 3x3 gets its autotuned implementation (engine.ops.grouped_conv)
+    before torch.compile traces the model or CUDA graphs capture it: neither can time
+    candidates, and an untuned shape would run on cuDNN there. Call it in the step's
+    autocast context, with the step's batch shape. The running statistics and batch
+    counters the forward updates are restored. Returns the number of fused blocks."""
+    blocks = sum(isinstance(m, ConvBNBottleneck) for m in model.modules())
+    if not blocks:
+        return 0
+    saved = [b.detach().clone() for b in model.buffers()]
+    model(sample)
+    with torch.no_grad():
+        for buffer, value in zip(model.buffers(), saved):
+            buffer.copy_(value)
+    return blocks

@@ -3,7 +3,8 @@
 The first call with a new key times every candidate and records the fastest in a JSON
 file ($ENGINE_CACHE_DIR/autotune.json, default ~/.cache/engine/autotune.json); later
 calls, in this process or the next, read the choice back. The file records the versions
-it was made with (torch, CUDA, cuDNN, triton, engine and the kernel sources): a file from
+it was made with (torch, CUDA, cuDNN, triton, engine, the Triton kernel sources and the
+compiled extension): a file from
 other versions, or one that cannot be read, is rebuilt from scratch with a one-line
 message on stderr, never trusted and never fatal. Keys name the GPU, so one file serves
 several cards. Processes that tune at once (data-parallel ranks) may each time a key and
@@ -35,9 +36,14 @@ def default_path() -> Path:
 
 def _kernel_digest() -> str:
     from engine import kernels
+    from engine.ops.backends import load_extension
     digest = hashlib.sha256()
     for name in _KERNEL_FILES:
         digest.update((Path(kernels.__file__).parent / name).read_bytes())
+    # The compiled extension holds the direct CUDA kernels: a rebuild re-times them.
+    extension = load_extension()
+    if extension is not None:
+        digest.update(Path(extension.__file__).read_bytes())
     return digest.hexdigest()[:16]
 
 

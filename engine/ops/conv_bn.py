@@ -12,9 +12,10 @@ fewer passes over memory:
 
 training forward
     conv1 GEMM, bn1 statistics in its epilogue            a1 written
-    grouped 3x3, one of two ways, autotuned per shape on a GPU (engine.ops.grouped_conv;
-    always the first in Triton's CPU interpreter):
-      Triton (engine.kernels.grouped_conv): bn1 + ReLU on its load, bn2 statistics in its
+    grouped 3x3, one of three ways, autotuned per shape on a GPU (engine.ops.grouped_conv;
+    always the Triton kernel in Triton's CPU interpreter):
+      Triton (engine.kernels.grouped_conv) or, for group widths up to 8, the direct CUDA
+      kernel (csrc/grouped_conv_cuda.cu): bn1 + ReLU on its load, bn2 statistics in its
       epilogue                                            a2 written; h1 never exists
       cuDNN: bn1 + ReLU apply pass, F.conv2d, bn2 statistics pass
                                                           h1 and a2 written
@@ -26,8 +27,8 @@ training backward
     tail reduce: ReLU mask, bn3 [and bn_d] sums           masked gradient written (the shortcut's)
     conv3 dgrad: bn3 backward in its prologue; bn2's ReLU mask and backward sums in its epilogue
     conv3 wgrad: bn3 backward and bn2 + ReLU recomputed in its prologues
-    bn2 backward apply pass (the 3x3's output gradient), then the 3x3's backward: Triton's
-    dgrad and wgrad (bn1 + ReLU recomputed from a1 on load), or cuDNN's from h1
+    bn2 backward apply pass (the 3x3's output gradient), then the 3x3's backward: the fused
+    kernels' dgrad and wgrad (bn1 + ReLU recomputed from a1 on load), or cuDNN's from h1
     bn1 reduce: ReLU mask recomputed, backward sums      (read only)
     [downsample dgrad and wgrad: bn_d backward in their prologues]
     conv1 dgrad: bn1 ReLU + backward in its prologue, shortcut gradient added in its epilogue
@@ -35,7 +36,8 @@ training backward
 eval (running statistics)
     every batch norm folded into its convolution's weight and a bias; conv1's epilogue adds
     bias and ReLU, bn2's bias and ReLU go into conv3's prologue, conv3's epilogue adds bias,
-    shortcut and ReLU: three GEMMs, the 3x3, and nothing else.
+    shortcut and ReLU: three GEMMs, the 3x3 (grouped_conv3x3, autotuned on a GPU), and
+    nothing else.
 
 The triton backend takes channels_last (NHWC) x in fp32, fp16 or bf16 with weights in any
 float dtype (they are cast to x's, as autocast would). All four batch norms share momentum
@@ -149,22 +151,21 @@ def _kernels():
     return triton_conv_bn
 
 
-def _grouped_kernels():
-    from engine.kernels import grouped_conv
+def _grouped_ops():
+    from engine.ops import grouped_conv
     return grouped_conv
 
 
-def _grouped_3x3_span(x: Tensor, width: int, c_out3x3: int, stride: int, groups: int) -> int:
-    """How the training block runs its grouped 3x3: -1 on cuDNN (bn1's apply pass before it,
-    a statistics pass after), else on the Triton kernel with both fused, at this tile span
-    (0: the kernel's default). On CUDA the faster, autotuned per shape; on CPU (the
+def _grouped_3x3_choice(x: Tensor, width: int, c_out3x3: int, stride: int, groups: int) -> str:
+    """How the training block runs its grouped 3x3 (an engine.ops.grouped_conv choice):
+    "reference" on cuDNN (bn1's apply pass before it, a statistics pass after), else a
+    fused kernel with both in it. On CUDA the fastest, autotuned per shape; on CPU (the
     interpreter, tests) always the Triton kernel, so that the tests check it."""
     if not x.is_cuda:
-        return 0
-    from engine.ops.grouped_conv import span_of, tuned_choice
-    choice = tuned_choice((x.shape[0], width, x.shape[2], x.shape[3]), x.dtype, x.device, c_out3x3, stride, groups,
-                          True, True, True)
-    return -1 if choice == "reference" else span_of(choice)
+        return "triton"
+    from engine.ops.grouped_conv import tuned_choice
+    return tuned_choice((x.shape[0], width, x.shape[2], x.shape[3]), x.dtype, x.device, c_out3x3, stride, groups,
+                        True, True, True)
 
 
 def _triton_supports(x, w1, bn1, w2, bn2, w3, bn3, wd=None, bnd=None, *, stride=1, groups=1, training=True,
@@ -195,7 +196,7 @@ class _TrainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, w2, w3, wd, g1, b1, g2, b2, g3, b3, gd, bd, rm1, rv1, rm2, rv2, rm3, rv3, rmd, rvd,
-                stride, groups, momentum, eps, span3):
+                stride, groups, momentum, eps, choice3):
         k = _kernels()
         dtype = x.dtype
         cin, width, c_out = x.shape[1], w1.shape[0], w3.shape[0]
@@ -205,15 +206,15 @@ class _TrainFunction(torch.autograd.Function):
         w3c = w3.to(dtype).reshape(c_out, width)
         a1, mean1, invstd1, s1, t1 = k.conv_bn_fwd_triton(x, w1c, None, None, None, None, 1, False,
                                                           g1, b1, rm1, rv1, momentum, eps)
-        if span3 < 0:
+        if choice3 == "reference":
             h1 = k.conv_bn_apply_triton(a1, s1, t1, None, None, None, True)
             a2 = F.conv2d(h1, w2c, None, stride, 1, 1, groups).contiguous(memory_format=NHWC)
             mean2, invstd2, s2, t2 = k.conv_bn_stats_triton(a2, g2, b2, rm2, rv2, momentum, eps)
         else:
             # bn1 + ReLU applied on the 3x3's load and bn2's statistics in its epilogue: h1 never exists.
             h1 = None
-            a2, mean2, invstd2, s2, t2 = _grouped_kernels().grouped_conv_bn_fwd_triton(
-                a1, w2c, s1, t1, stride, groups, span3 or None, g2, b2, rm2, rv2, momentum, eps)
+            a2, mean2, invstd2, s2, t2 = _grouped_ops().conv_bn_forward(
+                choice3, a1, w2c, s1, t1, stride, groups, g2, b2, rm2, rv2, momentum, eps)
         a3, mean3, invstd3, s3, t3 = k.conv_bn_fwd_triton(a2, w3c, s2, t2, None, None, 1, False,
                                                           g3, b3, rm3, rv3, momentum, eps)
         if wd is None:
@@ -228,7 +229,7 @@ class _TrainFunction(torch.autograd.Function):
                               mean1, invstd1, s1, t1, mean2, invstd2, s2, t2, mean3, invstd3, s3, t3,
                               meand, invstdd, sd, td)
         # Gradients come back in each parameter's own shape and dtype (fp32 master weights under autocast).
-        ctx.config = (stride, groups, span3, [(t.shape, t.dtype) if t is not None else None
+        ctx.config = (stride, groups, choice3, [(t.shape, t.dtype) if t is not None else None
                                        for t in (w1, w2, w3, wd, g1, b1, g2, b2, g3, b3, gd, bd)])
         return out
 
@@ -236,7 +237,7 @@ class _TrainFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         (x, a1, h1, a2, a3, ad, w1c, w2c, w3c, wdc, g1, g2, g3, gd, mean1, invstd1, s1, t1, mean2, invstd2, s2, t2,
          mean3, invstd3, s3, t3, meand, invstdd, sd, td) = ctx.saved_tensors
-        stride, groups, span3, param_specs = ctx.config
+        stride, groups, choice3, param_specs = ctx.config
         k = _kernels()
         n, _, h, w = x.shape
         m_in = n * h * w
@@ -249,17 +250,17 @@ class _TrainFunction(torch.autograd.Function):
         dw3 = k.conv_bn_wgrad_triton(gm, a3, kg3, kx3, k03, None, None, a2, s2, t2, 1)
         dg2, db2, kg2, kx2, k02 = k.conv_bn_bwd_coeff_triton(sums2[0], sums2[1], mean2, invstd2, g2, m_out)
         # The 3x3's output gradient: bn2's backward, a pass of its own that cuDNN's opaque call forces
-        # (the Triton 3x3 could take it in its dgrad and wgrad prologues instead; not done yet).
+        # (the fused 3x3 could take it in its dgrad and wgrad prologues instead; not done yet).
         da2 = k.conv_bn_apply_triton(a2, kx2, k02, dh2, kg2, torch.zeros_like(k02), False)
         if h1 is not None:
             dh1, dw2, _ = torch.ops.aten.convolution_backward(da2, h1, w2c, None, [stride, stride], [1, 1], [1, 1],
                                                               False, [0, 0], groups, [True, True, False])
             dh1 = dh1.contiguous(memory_format=NHWC)
         else:
-            gk = _grouped_kernels()
-            dh1 = gk.grouped_conv_dgrad_triton(da2, w2c, [h, w], stride, groups, span3 or None)
+            gc = _grouped_ops()
+            dh1 = gc.conv_dgrad(choice3, da2, w2c, [h, w], stride, groups)
             # h1 recomputed from a1 on load, as in the forward.
-            dw2 = gk.grouped_conv_wgrad_triton(da2, a1, s1, t1, w2c.shape[0], stride, groups, span3 or None)
+            dw2 = gc.conv_wgrad(choice3, da2, a1, s1, t1, w2c.shape[0], stride, groups)
         _, sums1 = k.conv_bn_bwd_reduce_triton(dh1, a1, s1, t1, mean1, None, None, None, None, False)
         dg1, db1, kg1, kx1, k01 = k.conv_bn_bwd_coeff_triton(sums1[0], sums1[1], mean1, invstd1, g1, m_in)
         dwd = dgd = dbd = None
@@ -295,8 +296,9 @@ def _folded_forward(x, w1, bn1, w2, bn2, w3, bn3, wd, bnd, stride, groups, eps):
     w3f, b3f = fold(w3, bn3)
     h1 = k.conv_bn_fwd_triton(x, w1f.reshape(width, cin), None, None, b1f, None, 1, True,
                               None, None, None, None, 0.0, eps)[0]
-    # bn2's bias and ReLU are applied in conv3's prologue, so the 3x3's output is final as cuDNN writes it.
-    a2 = F.conv2d(h1, w2f, None, stride, 1, 1, groups).contiguous(memory_format=NHWC)
+    # bn2's bias and ReLU are applied in conv3's prologue, so the 3x3's output is final as written. The
+    # 3x3 is the grouped_conv3x3 op: on a GPU the fastest of cuDNN and the fused kernels for this shape.
+    a2 = _grouped_ops().grouped_conv3x3(h1, w2f, stride=stride, groups=groups).contiguous(memory_format=NHWC)
     shortcut = x
     if wd is not None:
         wdf, bdf = fold(wd, bnd)
@@ -317,7 +319,7 @@ def conv_bn_bottleneck_triton(x, w1, bn1, w2, bn2, w3, bn3, wd=None, bnd=None, *
                                 bnd.weight, bnd.bias, bn1.running_mean, bn1.running_var, bn2.running_mean,
                                 bn2.running_var, bn3.running_mean, bn3.running_var, bnd.running_mean,
                                 bnd.running_var, int(stride), int(groups), float(momentum), float(eps),
-                                _grouped_3x3_span(x, w1.shape[0], w2.shape[0], stride, groups))
+                                _grouped_3x3_choice(x, w1.shape[0], w2.shape[0], stride, groups))
 
 
 conv_bn_bottleneck_op = define("conv_bn_bottleneck")

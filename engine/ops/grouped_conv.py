@@ -7,15 +7,20 @@ statistics as an optional epilogue.
     stats: also mean and biased variance of y per output channel (fp32)
 
 The reference backend is exactly that in PyTorch (cuDNN on a GPU); it is the
-specification. The triton backend (engine.kernels.grouped_conv) is one implicit-GEMM
-kernel per direction, with several narrow groups packed into each tile, h recomputed on
-load instead of stored, and the statistics reduced in the forward's epilogue.
+specification. Two fused implementations compute the same thing with h recomputed on load
+instead of stored and the statistics reduced in the forward's epilogue:
+  triton  (engine.kernels.grouped_conv) one implicit-GEMM kernel per direction, several
+          narrow groups packed into each tensor-core tile; any group width.
+  cuda    (csrc/grouped_conv_cuda.cu) direct kernels, one thread per (pixel, group) on
+          the CUDA cores, for group widths 1, 2, 4 and 8 with as many outputs as inputs.
 
-On CUDA tensors the choice is autotuned: the first call with a shape times the reference
-and the Triton kernel at each tile span, forward and (when gradients are needed)
-backward, and the fastest is kept in the autotune cache (engine.ops.autotune), so the op
-is never slower than cuDNN on a shape it has timed. On CPU tensors there is no timing: the
-reference runs, and the Triton interpreter only when forced (tests).
+On CUDA tensors the choice is autotuned: the first call with a shape times the reference,
+the Triton kernel at each tile span and the CUDA kernel, forward and (when gradients are
+needed) backward, and the fastest is kept in the autotune cache (engine.ops.autotune), so
+the op is never slower than cuDNN on a shape it has timed. A choice is a string:
+"reference", "triton", "triton:<span>" or "cuda". On CPU tensors there is no timing: the
+reference runs, and the others (Triton's interpreter, the extension's C++ loop) only
+when forced (tests).
 """
 
 from __future__ import annotations
@@ -88,6 +93,51 @@ def _kernels():
     return grouped_conv
 
 
+def _cuda_kernels():
+    from engine.ops import _cuda_grouped_conv
+    return _cuda_grouped_conv
+
+
+def conv_forward(choice: str, x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                 stride: int, groups: int, stats: bool) -> tuple[Tensor, Tensor, int]:
+    """The forward on a fused implementation: (y, statistics partials or empty, rows per
+    partial); weight already in x's dtype."""
+    if choice == "cuda":
+        return _cuda_kernels().forward(x, weight, in_scale, in_shift, stride, stats)
+    k = _kernels()
+    y, part = k.grouped_conv_fwd_triton(x, weight, in_scale, in_shift, stride, groups, stats, span_of(choice))
+    return y, part, k.part_rows(x.dtype, x.device)
+
+
+def conv_bn_forward(choice: str, x: Tensor, weight: Tensor, in_scale: Tensor, in_shift: Tensor, stride: int,
+                    groups: int, bn_weight: Tensor, bn_bias: Tensor, running_mean: Optional[Tensor],
+                    running_var: Optional[Tensor], momentum: float, eps: float):
+    """The bottleneck's middle on a fused implementation: the 3x3 with the previous batch
+    norm + ReLU on its load, then its own batch norm's training statistics (running
+    statistics updated): a, mean, invstd, scale, shift."""
+    if choice == "cuda":
+        return _cuda_kernels().grouped_conv_bn_fwd_cuda(x, weight, in_scale, in_shift, stride, bn_weight, bn_bias,
+                                                         running_mean, running_var, momentum, eps)
+    return _kernels().grouped_conv_bn_fwd_triton(x, weight, in_scale, in_shift, stride, groups, span_of(choice),
+                                                  bn_weight, bn_bias, running_mean, running_var, momentum, eps)
+
+
+def conv_dgrad(choice: str, grad_y: Tensor, weight: Tensor, input_hw, stride: int, groups: int) -> Tensor:
+    """The gradient with respect to the convolution's input (after the prologue), channels_last."""
+    if choice == "cuda":
+        return _cuda_kernels().dgrad(grad_y, weight, input_hw, stride)
+    return _kernels().grouped_conv_dgrad_triton(grad_y, weight, list(input_hw), stride, groups, span_of(choice))
+
+
+def conv_wgrad(choice: str, grad_y: Tensor, x: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+               c_out: int, stride: int, groups: int) -> Tensor:
+    """dW [Cout, Cin/groups, 3, 3] fp32, the prologue recomputed from x."""
+    if choice == "cuda":
+        return _cuda_kernels().wgrad(grad_y, x, in_scale, in_shift, stride, x.shape[1] // groups)
+    return _kernels().grouped_conv_wgrad_triton(grad_y, x, in_scale, in_shift, c_out, stride, groups,
+                                                span_of(choice))
+
+
 def _merge_partials(part: Tensor, rows_per_part: int, m: int) -> tuple[Tensor, Tensor]:
     """Per-tile (sum, centred sum of squares) -> mean and biased variance (Chan et al.)."""
     tiles = part.shape[1]
@@ -100,25 +150,25 @@ def _merge_partials(part: Tensor, rows_per_part: int, m: int) -> tuple[Tensor, T
 
 
 class _Function(torch.autograd.Function):
+    """The op on a fused implementation (`choice`); the prologue's backward in PyTorch."""
+
     @staticmethod
-    def forward(ctx, x, weight, in_scale, in_shift, stride, groups, stats, span):
-        k = _kernels()
+    def forward(ctx, x, weight, in_scale, in_shift, stride, groups, stats, choice):
         w = weight.to(x.dtype)
-        y, part = k.grouped_conv_fwd_triton(x, w, in_scale, in_shift, stride, groups, stats, span)
-        ctx.config = (stride, groups, span, weight.dtype)
+        y, part, rows = conv_forward(choice, x, w, in_scale, in_shift, stride, groups, stats)
+        ctx.config = (stride, groups, choice, weight.dtype)
         if not stats:
             ctx.save_for_backward(x, w, in_scale, in_shift, None, None)
             return y
         n, _, ho, wo = y.shape
-        mean, var = _merge_partials(part, k.part_rows(x.dtype, x.device), n * ho * wo)
+        mean, var = _merge_partials(part, rows, n * ho * wo)
         ctx.save_for_backward(x, w, in_scale, in_shift, y, mean)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, grad_y, grad_mean=None, grad_var=None):
         x, w, in_scale, in_shift, y, mean = ctx.saved_tensors
-        stride, groups, span, weight_dtype = ctx.config
-        k = _kernels()
+        stride, groups, choice, weight_dtype = ctx.config
         g = grad_y
         if y is not None:
             m = y.shape[0] * y.shape[2] * y.shape[3]
@@ -128,10 +178,9 @@ class _Function(torch.autograd.Function):
         g = g.to(x.dtype).contiguous(memory_format=NHWC)
         dx = dw = dscale = dshift = None
         if ctx.needs_input_grad[1]:
-            dw = k.grouped_conv_wgrad_triton(g, x, in_scale, in_shift, w.shape[0], stride, groups,
-                                             span).to(weight_dtype)
+            dw = conv_wgrad(choice, g, x, in_scale, in_shift, w.shape[0], stride, groups).to(weight_dtype)
         if any(ctx.needs_input_grad[i] for i in (0, 2, 3)):
-            dh = k.grouped_conv_dgrad_triton(g, w, [x.shape[2], x.shape[3]], stride, groups, span)
+            dh = conv_dgrad(choice, g, w, [x.shape[2], x.shape[3]], stride, groups)
             if in_scale is None:
                 dx = dh
             else:
@@ -144,12 +193,18 @@ class _Function(torch.autograd.Function):
         return dx, dw, dscale, dshift, None, None, None, None
 
 
-def grouped_conv3x3_triton(x, weight, *, stride=1, groups=1, in_scale=None, in_shift=None, stats=False):
-    span = None
-    if x.is_cuda:
-        span = span_of(tuned_choice(x.shape, x.dtype, x.device, weight.shape[0], stride, groups,
-                                    in_scale is not None, stats, _wants_grad(x, weight, in_scale)))
-    return _Function.apply(x, weight, in_scale, in_shift, int(stride), int(groups), bool(stats), span)
+def _fused(name: str):
+    """The triton or cuda backend: on CUDA tensors the autotuned choice (the supports
+    check let this backend run only when the tuner chose it), else the plain kernel."""
+    def run(x, weight, *, stride=1, groups=1, in_scale=None, in_shift=None, stats=False):
+        choice = name
+        if x.is_cuda:
+            choice = tuned_choice(x.shape, x.dtype, x.device, weight.shape[0], stride, groups, in_scale is not None,
+                                  stats, _wants_grad(x, weight, in_scale))
+            if not choice.startswith(name):
+                choice = name
+        return _Function.apply(x, weight, in_scale, in_shift, int(stride), int(groups), bool(stats), choice)
+    return run
 
 
 def _wants_grad(*tensors) -> bool:
@@ -179,25 +234,39 @@ def tuned_choice(shape, dtype: torch.dtype, device: torch.device, c_out: int, st
 
 
 def span_of(choice: str) -> Optional[int]:
-    """The Triton tile span of a 'triton:<span>' choice; None for the reference."""
+    """The Triton tile span of a 'triton:<span>' choice; None for any other (the kernel's default)."""
     return int(choice.split(":")[1]) if choice.startswith("triton:") else None
+
+
+def cuda_kernel_accepts(c_in: int, c_out: int, groups: int) -> Optional[str]:
+    """Why the direct CUDA kernels cannot take this convolution, or None."""
+    width = c_in // groups
+    if c_out != c_in:
+        return f"the direct kernels keep each group's width: Cout {c_out} != Cin {c_in}"
+    if width not in (1, 2, 4, 8):
+        return (f"group width {width} is not 1, 2, 4 or 8 (wider groups would be compute bound on CUDA cores; "
+                "the tensor-core paths take them)")
+    return None
 
 
 def _candidates(shape, c_out, stride, groups, dtype, device, prologue, stats, train) -> dict:
     """Callables running the op, forward and (train) backward, on random inputs of the
-    shape: the reference, and the Triton kernel at each tile span with a distinct tiling."""
+    shape: the reference, the Triton kernel at each tile span with a distinct tiling, and
+    the direct CUDA kernel where it takes the shape and the extension has it."""
     k = _kernels()
     n, c, h, w = shape
     tilings = {}
     for span in k.SPANS:
         tiling = k._tiling(c // groups, c_out // groups, groups, dtype, device, span)
         tilings.setdefault(tuple(sorted(tiling.items())), span)
-    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=NHWC).requires_grad_(train)
-    weight = torch.randn(c_out, c // groups, 3, 3, device=device).requires_grad_(train)
-    scale = torch.rand(c, device=device).add_(0.5).requires_grad_(train) if prologue else None
-    shift = torch.randn(c, device=device).requires_grad_(train) if prologue else None
-    grad = torch.randn(n, c_out, (h - 1) // stride + 1, (w - 1) // stride + 1, device=device,
-                       dtype=dtype).contiguous(memory_format=NHWC)
+    # A private generator: tuning must not move the global random state a run's results depend on.
+    rng = dict(device=device, generator=torch.Generator(device).manual_seed(0))
+    x = torch.randn(shape, dtype=dtype, **rng).contiguous(memory_format=NHWC).requires_grad_(train)
+    weight = torch.randn(c_out, c // groups, 3, 3, **rng).requires_grad_(train)
+    scale = torch.rand(c, **rng).add_(0.5).requires_grad_(train) if prologue else None
+    shift = torch.randn(c, **rng).requires_grad_(train) if prologue else None
+    grad = torch.randn(n, c_out, (h - 1) // stride + 1, (w - 1) // stride + 1, dtype=dtype,
+                       **rng).contiguous(memory_format=NHWC)
     inputs = [t for t in (x, weight, scale, shift) if t is not None]
 
     def runner(fn):
@@ -210,8 +279,11 @@ def _candidates(shape, c_out, stride, groups, dtype, device, prologue, stats, tr
     out = {"reference": runner(lambda: grouped_conv3x3_reference(x, weight, stride=stride, groups=groups,
                                                                  in_scale=scale, in_shift=shift, stats=stats))}
     for span in tilings.values():
-        out[f"triton:{span}"] = runner(lambda span=span: _Function.apply(x, weight, scale, shift, stride, groups,
-                                                                         stats, span))
+        choice = f"triton:{span}"
+        out[choice] = runner(lambda choice=choice: _Function.apply(x, weight, scale, shift, stride, groups, stats,
+                                                                   choice))
+    if backends.extension_has_cuda() and cuda_kernel_accepts(c, c_out, groups) is None:
+        out["cuda"] = runner(lambda: _Function.apply(x, weight, scale, shift, stride, groups, stats, "cuda"))
     return out
 
 
@@ -225,17 +297,36 @@ def _triton_supports(x, weight, *, stride=1, groups=1, in_scale=None, in_shift=N
     reason = backends.triton_accepts(x, weight, in_scale, in_shift, forced=forced)
     if reason is not None or forced or not x.is_cuda:
         return reason
+    return _tuned_elsewhere("triton", x, weight, stride, groups, in_scale, stats)
+
+
+def _tuned_elsewhere(name, x, weight, stride, groups, in_scale, stats) -> Optional[str]:
     choice = tuned_choice(x.shape, x.dtype, x.device, weight.shape[0], stride, groups, in_scale is not None,
                           stats, _wants_grad(x, weight, in_scale))
-    if choice == "reference":
-        return "autotuned: cuDNN (the reference) is faster for this shape"
-    return None
+    if choice.startswith(name):
+        return None
+    return f"autotuned: {'cuDNN (the reference)' if choice == 'reference' else choice} is faster for this shape"
 
 
-grouped_conv3x3_op = define("grouped_conv3x3", preference=("triton", "reference"))
+def _cuda_supports(x, weight, *, stride=1, groups=1, in_scale=None, in_shift=None, stats=False, forced):
+    if x.dtype not in FAST_DTYPES:
+        return f"x dtype {x.dtype} is not one of float32, float16, bfloat16"
+    if not x.is_contiguous(memory_format=NHWC):
+        return f"x must be channels_last (NHWC), got strides {x.stride()}"
+    reason = cuda_kernel_accepts(x.shape[1], weight.shape[0], groups)
+    if reason is None:
+        reason = backends.cuda_ext_accepts(x, weight, in_scale, in_shift, forced=forced)
+    if reason is not None or forced or not x.is_cuda:
+        return reason
+    return _tuned_elsewhere("cuda", x, weight, stride, groups, in_scale, stats)
+
+
+grouped_conv3x3_op = define("grouped_conv3x3", preference=("cuda", "triton", "reference"))
 grouped_conv3x3_op.register("reference", grouped_conv3x3_reference)
-grouped_conv3x3_op.register("triton", grouped_conv3x3_triton, available=backends.triton_status,
+grouped_conv3x3_op.register("triton", _fused("triton"), available=backends.triton_status,
                             scope=backends.triton_scope, supports=_triton_supports)
+grouped_conv3x3_op.register("cuda", _fused("cuda"), available=backends.extension_status,
+                            scope=backends.cuda_ext_scope, supports=_cuda_supports)
 
 
 def grouped_conv3x3(x: Tensor, weight: Tensor, *, stride: int = 1, groups: int = 1,
