@@ -16,9 +16,11 @@ import torch
 from benchmarks.common import environment, plot_results, write_json
 from engine.bench import VARIANTS, measure
 
-# (model, batch): the design's peer measurements on one H200.
-GPU_CASES = [("resnext50_32x4d", 256), ("resnext101_32x8d", 256)]
-GPU_VARIANTS = ("plain", "fused", "conv", "torchvision", "torchvision-compile", "fused-compile")
+# (model, batch): the design's peer measurements on one H200 and the fused bottleneck's
+# targets (32x8d at 256, 32x16d at 128, 32x48d at 64).
+GPU_CASES = [("resnext50_32x4d", 256), ("resnext101_32x8d", 256), ("resnext101_32x16d", 128),
+             ("resnext101_32x48d", 64)]
+GPU_VARIANTS = ("plain", "fused", "conv", "torchvision", "torchvision-compile", "fused-compile", "conv-compile")
 SMOKE_CASES = [("resnext50_32x4d", 2)]
 
 

@@ -162,22 +162,6 @@ struct CpuBlocks {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                           const std::optional<at::Tensor>& in_scale,
-                                           const std::optional<at::Tensor>& in_shift, int64_t stride, bool stats,
-                                           int64_t rows_per_part) {
-  return direct_conv_fwd<CpuBlocks>(x, weight, in_scale, in_shift, stride, stats, rows_per_part);
-}
-
-at::Tensor dgrad_cpu(const at::Tensor& grad_y, const at::Tensor& weight, at::IntArrayRef input_hw, int64_t stride) {
-  return direct_conv_dgrad<CpuBlocks>(grad_y, weight, input_hw, stride);
-}
-
-at::Tensor wgrad_cpu(const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& in_scale,
-                     const std::optional<at::Tensor>& in_shift, int64_t width, int64_t stride) {
-  return direct_conv_wgrad<CpuBlocks>(grad_y, x, in_scale, in_shift, width, stride);
-}
-
 }  // namespace
 
 }  // namespace engine
@@ -193,7 +177,7 @@ TORCH_LIBRARY_FRAGMENT(engine, m) {
 }
 
 TORCH_LIBRARY_IMPL(engine, CPU, m) {
-  m.impl("grouped_conv3x3_fwd_cuda", &engine::fwd_cpu);
-  m.impl("grouped_conv3x3_dgrad_cuda", &engine::dgrad_cpu);
-  m.impl("grouped_conv3x3_wgrad_cuda", &engine::wgrad_cpu);
+  m.impl("grouped_conv3x3_fwd_cuda", &engine::direct_conv_fwd<engine::CpuBlocks>);
+  m.impl("grouped_conv3x3_dgrad_cuda", &engine::direct_conv_dgrad<engine::CpuBlocks>);
+  m.impl("grouped_conv3x3_wgrad_cuda", &engine::direct_conv_wgrad<engine::CpuBlocks>);
 }

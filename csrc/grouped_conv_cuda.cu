@@ -71,27 +71,11 @@ struct CudaBlocks {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                            const std::optional<at::Tensor>& in_scale,
-                                            const std::optional<at::Tensor>& in_shift, int64_t stride, bool stats,
-                                            int64_t rows_per_part) {
-  return direct_conv_fwd<CudaBlocks>(x, weight, in_scale, in_shift, stride, stats, rows_per_part);
-}
-
-at::Tensor dgrad_cuda(const at::Tensor& grad_y, const at::Tensor& weight, at::IntArrayRef input_hw, int64_t stride) {
-  return direct_conv_dgrad<CudaBlocks>(grad_y, weight, input_hw, stride);
-}
-
-at::Tensor wgrad_cuda(const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& in_scale,
-                      const std::optional<at::Tensor>& in_shift, int64_t width, int64_t stride) {
-  return direct_conv_wgrad<CudaBlocks>(grad_y, x, in_scale, in_shift, width, stride);
-}
-
 }  // namespace
 }  // namespace engine
 
 TORCH_LIBRARY_IMPL(engine, CUDA, m) {
-  m.impl("grouped_conv3x3_fwd_cuda", &engine::fwd_cuda);
-  m.impl("grouped_conv3x3_dgrad_cuda", &engine::dgrad_cuda);
-  m.impl("grouped_conv3x3_wgrad_cuda", &engine::wgrad_cuda);
+  m.impl("grouped_conv3x3_fwd_cuda", &engine::direct_conv_fwd<engine::CudaBlocks>);
+  m.impl("grouped_conv3x3_dgrad_cuda", &engine::direct_conv_dgrad<engine::CudaBlocks>);
+  m.impl("grouped_conv3x3_wgrad_cuda", &engine::direct_conv_wgrad<engine::CudaBlocks>);
 }

@@ -58,4 +58,8 @@ def test_gpu_check_smoke_mode(tmp_path):
     steps = stages["bench_train_step"]["results"]["results"]
     assert {r["variant"] for r in steps if "images_per_s" in r} >= {"plain", "fused", "torchvision"}
     assert (tmp_path / "gpu_check.bench_bn_act.png").exists()
-    assert {"bench_hashtag_ce", "bench_data", "bench_conv_bn", "bench_grouped_conv", "bench_train_e2e"} <= set(stages)
+    assert {"bench_hashtag_ce", "bench_data", "bench_conv_bn", "bench_grouped_conv", "bench_train_e2e",
+            "bench_train_step_fused", "bench_loss_tracking"} <= set(stages)
+    tracking = stages["bench_loss_tracking"]["results"]
+    assert set(tracking["runs"]) == {"reference fp32", "reference bf16", "fused bf16"}
+    assert isinstance(tracking["verdict"]["tracks"], bool)
