@@ -473,9 +473,13 @@ def test_benchmark_smoke(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
-    impls = {"triton", "triton[fused]", "cudnn[nhwc]", "cudnn[nchw]"}
+    impls = {"triton", "triton[fused]", "cudnn[nhwc]", "cudnn[nchw]", "engine[auto]"}
     if backends.load_extension() is not None:
         impls |= {"cuda", "cuda[fused]"}
     assert {r["impl"] for r in rows} == impls
-    assert {r["direction"] for r in rows} == {"fwd", "dgrad", "wgrad"}
+    assert {r["direction"] for r in rows} == {"fwd", "dgrad", "wgrad", "fwd+bwd"}
+    # What automatic dispatch ran (the reference on a CPU), beside cuDNN for the training step.
+    auto = [r for r in rows if r["impl"] == "engine[auto]"]
+    assert auto and all(r["backend"] == "reference" and r["ms"] > 0 for r in auto)
+    assert {r["impl"] for r in rows if r["direction"] == "fwd+bwd"} == {"engine[auto]", "cudnn[nhwc]"}
     assert all(r["max_abs_diff_vs_nchw"] < 1e-3 for r in rows if r["impl"] in ("triton", "cuda"))
