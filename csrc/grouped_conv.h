@@ -113,7 +113,7 @@ at::Tensor direct_conv_wgrad(const at::Tensor& grad_y, const at::Tensor& x, cons
       constexpr int CG = decltype(cg)::value;
       constexpr int TAPS = direct::wgrad_taps<CG>();
       const int gb = direct::groups_per_block(groups, CG);
-      const direct::WgradPlan plan = direct::wgrad_plan(m, groups, CG, TAPS, gb, Blocks::processors(x));
+      const direct::WgradPlan plan = direct::wgrad_plan(m, groups, TAPS, gb, Blocks::processors(x));
       at::Tensor part = at::empty({plan.splits, 9, channels, CG}, x.options().dtype(at::kFloat));
       const direct::WgradArgs<scalar_t> args{grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                                              direct::optional_ptr(in_scale), direct::optional_ptr(in_shift),

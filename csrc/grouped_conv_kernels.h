@@ -310,7 +310,7 @@ struct WgradPlan {
   int64_t tap_chunks, splits, group_chunks, rows_per_split;
 };
 
-inline WgradPlan wgrad_plan(int64_t m, int64_t groups, int width, int taps, int gb, int64_t sms) {
+inline WgradPlan wgrad_plan(int64_t m, int64_t groups, int taps, int gb, int64_t sms) {
   WgradPlan plan;
   plan.tap_chunks = 9 / taps;
   plan.group_chunks = (groups + gb - 1) / gb;

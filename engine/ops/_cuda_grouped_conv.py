@@ -5,6 +5,7 @@ bn2's statistics from its epilogue) as one op."""
 
 import torch
 
+from engine.kernels.conv_bn import _finalize, _nhwc_empty, _strided_size
 from engine.ops.backends import load_extension
 
 if load_extension() is None:
@@ -19,18 +20,10 @@ def rows_per_part(device: torch.device) -> int:
     return 512 if device.type == "cuda" else 5
 
 
-def _strided(size: int, stride: int) -> int:
-    return (size - 1) // stride + 1
-
-
-def _nhwc_empty(n, c, h, w, like):
-    return torch.empty((n, c, h, w), device=like.device, dtype=like.dtype, memory_format=torch.channels_last)
-
-
 @torch.library.register_fake("engine::grouped_conv3x3_fwd_cuda")
 def _(x, weight, in_scale, in_shift, stride, stats, rows):
     n, c, h, w = x.shape
-    ho, wo = _strided(h, stride), _strided(w, stride)
+    ho, wo = _strided_size(h, stride), _strided_size(w, stride)
     part = (x.new_empty(2, -(-n * ho * wo // rows), c, dtype=torch.float32) if stats
             else x.new_empty(0, dtype=torch.float32))
     return _nhwc_empty(n, c, ho, wo, x), part
@@ -71,7 +64,6 @@ def grouped_conv_bn_fwd_cuda(x: torch.Tensor, weight: torch.Tensor, in_scale: to
     """a = conv3x3(relu(x * in_scale + in_shift)) on the direct kernel, then its batch norm's
     training statistics from the epilogue's partials: a, mean, invstd, scale, shift (as
     kernels.conv_bn's conv_bn_fwd_triton returns them)."""
-    from engine.kernels.conv_bn import _finalize
     a, part, rows = forward(x, weight, in_scale, in_shift, stride, True)
     m = a.shape[0] * a.shape[2] * a.shape[3]
     return (a, *_finalize(part, rows, m, bn_weight, bn_bias, running_mean, running_var, momentum, eps))
@@ -80,5 +72,5 @@ def grouped_conv_bn_fwd_cuda(x: torch.Tensor, weight: torch.Tensor, in_scale: to
 @grouped_conv_bn_fwd_cuda.register_fake
 def _(x, weight, in_scale, in_shift, stride, bn_weight, bn_bias, running_mean, running_var, momentum, eps):
     n, c, h, w = x.shape
-    a = _nhwc_empty(n, c, _strided(h, stride), _strided(w, stride), x)
+    a = _nhwc_empty(n, c, _strided_size(h, stride), _strided_size(w, stride), x)
     return (a, *(x.new_empty(c, dtype=torch.float32) for _ in range(4)))
