@@ -11,8 +11,6 @@ from engine.ops.backends import load_extension
 if load_extension() is None:
     raise ImportError("engine._C is not available")
 
-WIDTHS = (1, 2, 4, 8)
-
 
 def rows_per_part(device: torch.device) -> int:
     """Output rows per statistics partial: a block's share on a GPU; a few rows on the CPU,
