@@ -300,6 +300,7 @@ def test_head_sampled_mode():
     v = 200
     head = HashtagHead(16, v, sample_fraction=0.25)
     x, _, _, tags, _ = make_case(6, 16, v, 3)
+    x.requires_grad_()
     loss = head(x, tags)
     loss.backward()
     kept = head.weight.grad.abs().sum(1).nonzero().squeeze(1)
@@ -309,11 +310,42 @@ def test_head_sampled_mode():
     position = torch.full((v,), -1, dtype=torch.long)
     position[kept] = torch.arange(kept.numel())
     sub_tags = torch.where(tags >= 0, position[tags.clamp_min(0)], -1)
-    expected = hashtag_ce(x, head.weight[kept].detach(), sub_tags, bias=head.bias[kept].detach())
+    # The same loss and every gradient (the trunk's included) as the plain softmax over the kept rows.
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = head.weight[kept].detach().clone().requires_grad_()
+    b_ref = head.bias[kept].detach().clone().requires_grad_()
+    expected = hashtag_ce(x_ref, w_ref, sub_tags, bias=b_ref)
+    expected.backward()
     torch.testing.assert_close(loss, expected)
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(head.weight.grad[kept], w_ref.grad)
+    torch.testing.assert_close(head.bias.grad[kept], b_ref.grad)
     head.eval()
     full = head(x, tags)
     assert full > loss
     head.train()
     head.sample_fraction = 1.0
     torch.testing.assert_close(head(x, tags), full)
+
+
+def test_head_sampling_every_class_is_the_full_softmax():
+    """A fraction that rounds to the whole vocabulary keeps every class (positives first,
+    a permutation): the loss and every gradient are the full softmax's."""
+    v = 20
+    x, weight, bias, tags, tag_weights = make_case(7, 12, v, 3)
+    grads = []
+    losses = []
+    for fraction in (0.99, 1.0):
+        head = HashtagHead(12, v, sample_fraction=fraction, label_smoothing=0.1)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            head.bias.copy_(bias)
+        xs = x.clone().requires_grad_()
+        loss = head(xs, tags, tag_weights)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append((xs.grad, head.weight.grad, head.bias.grad))
+    torch.testing.assert_close(losses[0], losses[1])
+    for name, sampled, full in zip(["dx", "dweight", "dbias"], *grads):
+        torch.testing.assert_close(sampled, full, msg=lambda m: f"{name}: {m}")

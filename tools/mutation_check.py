@@ -1,0 +1,151 @@
+"""Mutation check: breaks the code on purpose, once per named mutation, and runs the
+tests that claim to catch that break. A mutation the tests pass on has survived: the
+tests do not check what they say they check. Exits non-zero when any mutation survives,
+or when one no longer applies (its pattern is gone or ambiguous, so it checks nothing).
+
+    python tools/mutation_check.py            # every mutation
+    python tools/mutation_check.py --list
+    python tools/mutation_check.py --only sampled-head-detaches-features
+
+Each mutation runs in one scratch copy of the source tree (no .git, no virtual
+environment, no caches; the built extension is copied, so nothing is rebuilt). The copy's
+`engine/kernels` is a link to its own `kernels/`, so the editable install's mapping to the
+original checkout's kernels is never consulted. Only the tests named per mutation run,
+stopping at the first failure, which keeps the whole check to a few minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Never copied: version control, environments, build products that are not the extension, results.
+SKIP_DIRS = {".git", ".venv", "build", "__pycache__", ".pytest_cache", "runs", "results", ".whl"}
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str          # file to break, relative to the repository root
+    pattern: str       # exact text that must occur once in it
+    replacement: str
+    tests: tuple[str, ...]  # pytest arguments: the tests that must fail
+    why: str
+
+
+MUTATIONS = [
+    Mutation(
+        "sampled-head-detaches-features", "engine/heads.py",
+        "            rows, tags = self._sample(features, tags, tag_weights)\n",
+        "            rows, tags = self._sample(features, tags, tag_weights)\n            features = features.detach()\n",
+        ("tests/test_hashtag_ce.py", "-k", "head_sampl"),
+        "sampled mode (sample_fraction < 1) gives the trunk no gradient"),
+    Mutation(
+        "sampled-head-drops-bias-gradient", "engine/heads.py",
+        "            bias = bias[rows] if bias is not None else None\n",
+        "            bias = bias[rows].detach() if bias is not None else None\n",
+        ("tests/test_hashtag_ce.py", "-k", "head_sampl"),
+        "sampled mode trains no bias"),
+]
+
+
+def copy_tree(dest: Path) -> None:
+    def ignore(folder, names):
+        return [n for n in names if n in SKIP_DIRS or n.startswith(".venv") or n.endswith((".pyc", ".egg-info"))]
+    shutil.copytree(ROOT, dest, ignore=ignore, symlinks=True)
+    link = dest / "engine" / "kernels"
+    if not link.exists():
+        link.symlink_to(Path("..") / "kernels", target_is_directory=True)
+
+
+def apply(tree: Path, m: Mutation) -> str:
+    """Writes the mutated file; returns the original text."""
+    target = tree / m.path
+    if not target.is_file():
+        raise LookupError(f"{m.name}: {m.path} does not exist")
+    text = target.read_text()
+    count = text.count(m.pattern)
+    if count != 1:
+        raise LookupError(f"{m.name}: its pattern occurs {count} times in {m.path} (must be exactly once)")
+    target.write_text(text.replace(m.pattern, m.replacement))
+    return text
+
+
+def run_tests(tree: Path, m: Mutation, timeout: float) -> tuple[str, float, str]:
+    """('killed' | 'survived' | 'error', seconds, tail of the output)."""
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    env.pop("ENGINE_BACKEND", None)
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests]
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "error", time.monotonic() - start, f"timed out after {timeout:.0f} s"
+    seconds = time.monotonic() - start
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+    # pytest: 0 all passed, 1 some failed; anything else (collection error, nothing
+    # selected, interrupted) means the tests did not really run against the mutation.
+    outcome = {0: "survived", 1: "killed"}.get(proc.returncode, "error")
+    return outcome, seconds, tail
+
+
+def check_imports_copy(tree: Path) -> None:
+    """The scratch copy must import its own engine and kernels, not the checkout's."""
+    code = "import engine, engine.kernels, sys; print(engine.__file__); print(engine.kernels.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"), check=True).stdout.split()
+    for path in out:
+        if not Path(path).resolve().is_relative_to(tree.resolve()):
+            raise RuntimeError(f"the scratch copy imports {path}, outside {tree}: mutations would not be seen")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME", help="run this mutation (repeatable)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per mutation's tests")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    unknown = set(args.only) - {m.name for m in MUTATIONS}
+    if unknown:
+        parser.error(f"unknown mutation(s) {sorted(unknown)}; --list shows them")
+    if args.list:
+        for m in MUTATIONS:
+            print(f"{m.name}: {m.path}: {m.why}\n    tests: {' '.join(m.tests)}")
+        return 0
+    failed = []
+    with tempfile.TemporaryDirectory(prefix="mutation-check-") as tmp:
+        tree = Path(tmp) / "repo"
+        copy_tree(tree)
+        check_imports_copy(tree)
+        for m in chosen:
+            try:
+                original = apply(tree, m)
+            except LookupError as e:
+                print(f"STALE     {e}", flush=True)
+                failed.append(m.name)
+                continue
+            try:
+                outcome, seconds, tail = run_tests(tree, m, args.timeout)
+            finally:
+                (tree / m.path).write_text(original)
+            label = {"killed": "killed", "survived": "SURVIVED", "error": "ERROR"}[outcome]
+            print(f"{label:9} {m.name} ({seconds:.0f} s): {m.why}", flush=True)
+            if outcome != "killed":
+                failed.append(m.name)
+                print("    " + tail.replace("\n", "\n    "), flush=True)
+    print(f"{len(chosen) - len(failed)} of {len(chosen)} mutations caught"
+          + (f"; not caught: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
