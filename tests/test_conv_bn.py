@@ -349,6 +349,31 @@ BLOCK_CASES = ([(*spec, block) for spec in CPU_DTYPES for block in ("identity", 
 
 @pytest.mark.parametrize("dtype, tol, block", BLOCK_CASES)
 def test_block_matches_torchvision(dtype, tol, block):
+    check_block_against_torchvision(dtype, tol, block)
+
+
+# How the training block runs its grouped 3x3 besides the Triton kernel the CPU picks: "reference"
+# is bn1's apply pass, ATen's convolution (cuDNN on a GPU) and a statistics pass, what the block
+# runs whenever the autotuner picks cuDNN; "cuda" is the direct kernels (their C++ loop here).
+@pytest.mark.parametrize("choice", ["reference", "cuda"], ids=["aten_3x3", "direct_3x3"])
+@pytest.mark.parametrize("dtype, tol, block", [(*spec, block) for spec in CPU_DTYPES
+                                               for block in ("identity", "downsample_s2")])
+def test_block_3x3_paths_match_torchvision(monkeypatch, choice, dtype, tol, block):
+    if choice == "cuda":
+        pytest.importorskip("engine.ops._cuda_grouped_conv")
+    import engine.ops.conv_bn as conv_bn_module
+    chosen = []
+
+    def forced_choice(*args):
+        chosen.append(choice)
+        return choice
+
+    monkeypatch.setattr(conv_bn_module, "_grouped_3x3_choice", forced_choice)
+    check_block_against_torchvision(dtype, tol, block)
+    assert chosen, "the training block never asked how to run its 3x3"
+
+
+def check_block_against_torchvision(dtype, tol, block):
     inplanes, planes, stride, with_downsample = BLOCKS[block]
     theirs, ours = make_pair(inplanes, planes, stride, with_downsample)
     ours.backend = "triton"

@@ -54,6 +54,18 @@ MUTATIONS = [
         "            bias = bias[rows].detach() if bias is not None else None\n",
         ("tests/test_hashtag_ce.py", "-k", "head_sampl"),
         "sampled mode trains no bias"),
+    Mutation(
+        "fused-block-aten-3x3-drops-bn1-relu", "engine/ops/conv_bn.py",
+        "h1 = k.conv_bn_apply_triton(a1, s1, t1, None, None, None, True)",
+        "h1 = k.conv_bn_apply_triton(a1, s1, t1, None, None, None, False)",
+        ("tests/test_conv_bn.py", "-k", "3x3_paths and aten"),
+        "the fused block's cuDNN/ATen 3x3 path (what runs when the autotuner picks cuDNN) skips bn1's ReLU"),
+    Mutation(
+        "fused-block-direct-3x3-drops-bn1-shift", "engine/ops/grouped_conv.py",
+        "grouped_conv_bn_fwd_cuda(x, weight, in_scale, in_shift,",
+        "grouped_conv_bn_fwd_cuda(x, weight, in_scale, in_shift * 0,",
+        ("tests/test_conv_bn.py", "-k", "3x3_paths and direct"),
+        "the fused block's direct-kernel 3x3 loses bn1's shift in its prologue"),
 ]
 
 
