@@ -88,3 +88,73 @@ def test_dali_checker_finds_the_bad_one(good):
     checker = jpeg.DaliChecker(batch_size=4)
     shapes = checker.shapes([good, good[: len(good) // 2], good, b"junk"])
     assert shapes == [(48, 72), None, (48, 72), None]
+
+
+def _icc_png(base, profile: bytes) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(base.transpose(1, 2, 0))).save(buf, format="PNG", icc_profile=profile)
+    return buf.getvalue()
+
+
+def _srgb_profile_with_d65_pcs() -> bytes:
+    """A real sRGB profile whose header names a non-D50 PCS illuminant: Pillow and
+    browsers use it, libpng warns about it and ignores it."""
+    from PIL import ImageCms
+
+    profile = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    profile[68:72] = (0xF000).to_bytes(4, "big")  # X of the PCS illuminant (bytes 68..79)
+    return bytes(profile)
+
+
+def test_png_whose_icc_profile_makes_libpng_warn_is_kept(base):
+    from torchvision.io import decode_png
+
+    data = _icc_png(base, _srgb_profile_with_d65_pcs())
+    with jpeg.captured_stderr() as err:
+        decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    assert b"libpng warning: iCCP" in err[0]  # libpng does warn: this is the case under test
+    c = jpeg.check_image(data, LIMITS)
+    assert (c.action, c.reason, c.height, c.width) == ("reencoded", "not_jpeg", 48, 72), c.detail
+    out = decode_jpeg(torch.frombuffer(bytearray(c.data), dtype=torch.uint8))
+    assert (out.float() - torch.from_numpy(base).float()).abs().mean() < 12
+
+
+def test_jpeg_with_junk_before_its_end_marker_is_kept(good):
+    data = good[:-2] + b"\x00trailing junk" + good[-2:]
+    with jpeg.captured_stderr() as err:
+        jpeg.decode_rgb(data)
+    assert b"extraneous bytes before marker 0xd9" in err[0]
+    c = jpeg.check_image(data, LIMITS)
+    assert (c.action, c.reason, c.height, c.width) == ("ok", "", 48, 72), c.detail
+
+
+def test_corrupt_png_and_jpeg_are_still_rejected_with_a_reason(base, good):
+    intact = _icc_png(base, _srgb_profile_with_d65_pcs())
+    png = bytearray(intact)
+    at = png.index(b"IDAT") + 40
+    png[at : at + 16] = bytes(16)  # pixel data: the zlib stream is broken (this crashes torchvision's decode_png)
+    c = jpeg.check_image(bytes(png), LIMITS)
+    assert (c.action, c.reason) == ("skipped", "undecodable") and "broken data stream" in c.detail, c.detail
+    c = jpeg.check_image(intact[: len(intact) // 2], LIMITS)
+    assert (c.action, c.reason) == ("skipped", "undecodable") and "truncated" in c.detail, c.detail
+    # A hole in the scan data: libjpeg warns "premature end of data segment", pixels are wrong.
+    mid = len(good) // 2
+    c = jpeg.check_image(good[:mid] + good[mid + 200 :], LIMITS)
+    assert (c.action, c.reason) == ("skipped", "corrupt") and "premature end" in c.detail
+
+
+@pytest.mark.parametrize("text,harmless", [
+    ("", True),
+    ("Corrupt JPEG data: 3 extraneous bytes before marker 0xd9\n", True),
+    ("Warning: unknown JFIF revision number 1.03\n", True),
+    ("Corrupt JPEG data: premature end of data segment\n", False),
+    ("Corrupt JPEG data: 3 extraneous bytes before marker 0xd0\n", False),  # inside the scan: data lost
+    ("Corrupt JPEG data: 3 extraneous bytes before marker 0xd9\nCorrupt JPEG data: bad Huffman code\n", False),
+    ("something no decoder here is known to print\n", False),
+])
+def test_decoder_messages_are_judged_line_by_line(text, harmless):
+    assert jpeg.decoder_messages_harmless(text) is harmless

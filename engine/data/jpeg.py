@@ -5,8 +5,14 @@ Nothing malformed may reach a shard: DALI cannot skip a bad image at train time
 it goes into a shard as is, is re-encoded to a baseline RGB JPEG first, or is
 skipped, and why. It reads the JPEG header itself (no decoding) so that absurdly
 large images are refused before any decoder allocates memory, then decodes with
-torchvision (libjpeg-turbo, the PyTorch loader's decoder) and treats any libjpeg
-warning ("Corrupt JPEG data ...") as corruption. The builder decodes the
+torchvision (libjpeg-turbo, the PyTorch loader's decoder), other formats with
+Pillow (see decode_rgb for why not libpng). What libjpeg writes to stderr is
+judged line by line (`decoder_messages_harmless`): a warning that leaves every
+pixel as the file means it (junk between the last scan and the end-of-image
+marker) keeps the image; any other message ("Corrupt JPEG data: premature end of
+data segment", an unknown line) means the pixels may be wrong and the image is
+skipped as corrupt. A PNG whose ICC profile makes libpng warn is read by Pillow
+and kept (re-encoded, as every non-JPEG). The builder decodes the
 survivors again with DALI (`DaliChecker`), the training decoder.
 
 Reasons, by action:
@@ -27,8 +33,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import struct
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -184,19 +192,16 @@ def _tensor(data: bytes):
 
 
 def decode_rgb(data: bytes):
-    """Decodes JPEG/PNG/GIF/WebP bytes to a uint8 [3, H, W] RGB tensor with EXIF
-    orientation applied (torchvision); other formats through Pillow."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-
+    """Decodes image bytes to a uint8 [3, H, W] RGB tensor with EXIF orientation
+    applied: JPEG with torchvision (libjpeg-turbo, the PyTorch loader's decoder),
+    anything else (PNG, GIF, WebP, BMP, ...) with Pillow. torchvision's PNG decoder
+    must not see untrusted files: a libpng error inside the pixel data (a broken
+    IDAT stream) kills the process with a segmentation fault (torchvision 0.29)."""
     if is_jpeg(data):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
         return decode_jpeg(_tensor(data), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    try:
-        return decode_image(_tensor(data), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    except (RuntimeError, ValueError):
-        image = _pil_decode(data)
-        if image is None:
-            raise
-        return image
+    return _pil_rgb(data)
 
 
 def encode_baseline_jpeg(image, quality: int) -> bytes:
@@ -234,19 +239,40 @@ def _size_problem(h: int, w: int, limits: Limits) -> Optional[str]:
     return None
 
 
+# libjpeg-turbo messages that leave every pixel as the file means it. It warns about
+# bytes between the last scan's data and the end-of-image marker (0xd9) only after
+# every MCU was decoded (a short scan adds "premature end of data segment"). Other
+# formats go through Pillow, which raises on broken pixel data and reports nothing
+# on stderr (an ICC profile libpng would warn about is simply read).
+_HARMLESS_MESSAGES = (
+    re.compile(r"Corrupt JPEG data: \d+ extraneous bytes before marker 0xd9"),
+    re.compile(r"Warning: unknown JFIF revision number \d+\.\d+"),
+)
+
+
+def decoder_messages_harmless(text: str) -> bool:
+    """True when every line a decoder wrote is a known metadata-only warning."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return all(any(p.fullmatch(line) for p in _HARMLESS_MESSAGES) for line in lines)
+
+
 def _strict_decode(data: bytes):
-    """torchvision decode that fails on libjpeg warnings too. Returns (tensor, None)
+    """torchvision decode that fails on a decoder error or on a decoder message that
+    may mean wrong pixels (see decoder_messages_harmless). Returns (tensor, None)
     or (None, (reason, detail))."""
     try:
-        with captured_stderr() as err:
+        # Python warnings (e.g. a library's deprecation notice) would land in the captured
+        # stderr and read as a decoder message: record them instead.
+        with warnings.catch_warnings(record=True), captured_stderr() as err:
             image = decode_rgb(data)
     except Exception as e:  # decoders raise RuntimeError, OSError, ValueError, ...
         # The file has its end-of-image marker (checked before), so a decoder that stops
         # early ("incomplete or truncated") met corrupt data.
         msg = str(e).splitlines()[0][-200:] if str(e) else type(e).__name__
         return None, ("corrupt", msg)
-    if err and err[0].strip():
-        return None, ("corrupt", err[0].decode(errors="replace").strip()[:200])
+    text = err[0].decode(errors="replace") if err else ""
+    if not decoder_messages_harmless(text):
+        return None, ("corrupt", text.strip()[:200])
     return image, None
 
 
@@ -305,15 +331,21 @@ def check_image(data: bytes, limits: Limits) -> Checked:
     return _reencoded(image, "not_jpeg", limits)
 
 
-def _pil_decode(data: bytes):
-    """Pillow decode to a uint8 [3, H, W] tensor (EXIF orientation applied), or None."""
-    try:
-        import torch
-        from PIL import Image, ImageOps
+def _pil_rgb(data: bytes):
+    """Pillow decode to a uint8 [3, H, W] tensor (EXIF orientation applied); raises
+    on a file Pillow cannot read completely."""
+    import torch
+    from PIL import Image, ImageOps
 
-        with Image.open(io.BytesIO(data)) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous()
+    with Image.open(io.BytesIO(data)) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous()
+
+
+def _pil_decode(data: bytes):
+    """_pil_rgb, or None when Pillow cannot read the file."""
+    try:
+        return _pil_rgb(data)
     except Exception:
         return None
 
