@@ -22,7 +22,6 @@ go or was killed and resumed.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import json
@@ -37,6 +36,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from engine.data import jpeg as jpeg_mod
+from engine.data import metadata as meta_mod
 from engine.data import vocab as vocab_mod
 from engine.data._progress import Progress
 from engine.data.dataset import FORMAT, shard_name, write_shard
@@ -50,7 +50,7 @@ class BuildConfig:
     """Everything `build` needs. Paths may be relative to the working directory."""
 
     images: str  # image root; metadata paths are relative to it (absolute paths are kept)
-    metadata: str  # .jsonl or .csv, one row per image (see read_metadata)
+    metadata: str  # one row per image, or a directory of webdataset tars (see engine.data.metadata)
     out: str  # output dataset directory
     vocab_size: Union[int, str] = "1.5k"  # K, or a preset: "1.5k", "8.5k", "17k"
     synonyms: Optional[str] = None  # JSON {hashtag: canonical} or 2-column CSV/TSV
@@ -78,6 +78,14 @@ class BuildConfig:
     caption_field: str = "caption"
     tags_field: str = "tags"  # also accepted: "hashtags"
     key_field: str = "key"  # optional; the key defaults to the path as written
+    # Metadata format (engine.data.metadata): auto, jsonl, csv, tsv, parquet, yfcc100m, webdataset.
+    format: str = "auto"
+    path_template: Optional[str] = None  # image path from a row's fields, e.g. "{key}.jpg"
+    yfcc_tags: str = "user"  # yfcc100m: user, machine or both
+
+    def fields(self) -> meta_mod.Fields:
+        return meta_mod.Fields(path=self.path_field, caption=self.caption_field, tags=self.tags_field,
+                               key=self.key_field, path_template=self.path_template, yfcc_tags=self.yfcc_tags)
 
     def limits(self) -> jpeg_mod.Limits:
         return jpeg_mod.Limits(
@@ -93,81 +101,29 @@ class BuildError(RuntimeError):
 # ---------------------------------------------------------------- metadata
 
 
-@dataclass
-class Row:
-    key: str
-    path: str  # as written in the metadata
-    tags: list[str]  # canonical hashtags, in order of first appearance
+Row = meta_mod.Row
 
 
-_TAG_SPLIT = re.compile(r"[\s,;|]+")
-
-
-def _row_tags(obj: dict, cfg: BuildConfig, where: str) -> list[str]:
-    tags = obj.get(cfg.tags_field)
-    if tags is None and cfg.tags_field == "tags":
-        tags = obj.get("hashtags")
-    caption = obj.get(cfg.caption_field)
-    if tags is not None and tags != "":
-        if isinstance(tags, str):
-            tags = _TAG_SPLIT.split(tags)
-        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise ValueError(f"{where}: '{cfg.tags_field}' must be a list of strings or a string")
-        return vocab_mod.unique(vocab_mod.normalize_tag(t) for t in tags)
-    if caption is not None:
-        if not isinstance(caption, str):
-            raise ValueError(f"{where}: '{cfg.caption_field}' must be a string")
-        return vocab_mod.extract_hashtags(caption)
-    if tags == "":
-        return []
-    raise ValueError(f"{where}: the row has neither '{cfg.caption_field}' nor '{cfg.tags_field}'")
-
-
-def read_metadata(cfg: BuildConfig, synonyms: dict[str, str]) -> list[Row]:
-    """JSONL: one object per line, e.g. {"path": "a/b.jpg", "caption": "sunset #beach"}
-    or {"path": ..., "tags": ["beach", "sunset"]}. CSV: a header naming the same
-    columns; a tags cell is split on spaces, commas, semicolons or bars."""
-    path = cfg.metadata
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"metadata file {path!r} does not exist")
-    rows: list[Row] = []
-    lower = path.lower()
-
-    def add(obj: dict, where: str) -> None:
-        p = obj.get(cfg.path_field)
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"{where}: missing or empty '{cfg.path_field}'")
-        key = obj.get(cfg.key_field) or p
-        tags = vocab_mod.canonicalize(_row_tags(obj, cfg, where), synonyms)
-        rows.append(Row(str(key), p, tags))
-
-    if lower.endswith((".jsonl", ".ndjson", ".json")):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"metadata {path}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-                add(obj, where)
-    elif lower.endswith((".csv", ".tsv")):
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, dialect="excel-tab" if lower.endswith(".tsv") else "excel")
-            if not reader.fieldnames or cfg.path_field not in reader.fieldnames:
-                raise ValueError(f"metadata {path}: the header must name a '{cfg.path_field}' column")
-            for lineno, obj in enumerate(reader, 2):
-                if None in obj:
-                    raise ValueError(f"metadata {path}:{lineno}: more cells than header columns")
-                add({k: v for k, v in obj.items() if v is not None}, f"metadata {path}:{lineno}")
-    else:
-        raise ValueError(f"metadata {path!r}: expected a .jsonl or .csv file")
+def read_metadata(cfg: BuildConfig, synonyms: dict[str, str], skipped: Optional[dict] = None) -> list[Row]:
+    """Every row of the metadata (formats: engine.data.metadata)."""
+    rows = list(meta_mod.iter_rows(cfg.metadata, cfg.images, cfg.format, cfg.fields(), synonyms, skipped))
     if not rows:
-        raise ValueError(f"metadata {path!r} has no rows")
+        raise ValueError(f"metadata {cfg.metadata!r} has no rows")
     return rows
+
+
+def _inputs_fingerprint(cfg: BuildConfig) -> str:
+    """sha256 of the metadata files; a tar (webdataset input) by size and mtime, since
+    hashing it would read every image twice (the write stage checks each image's sha256)."""
+    fmt = meta_mod.detect_format(cfg.metadata, cfg.format)
+    parts = []
+    for path in meta_mod.input_files(cfg.metadata, fmt):
+        if fmt == "webdataset":
+            st = os.stat(path)
+            parts.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+        else:
+            parts.append([os.path.abspath(path), _file_sha256(path)])
+    return _fingerprint(parts)
 
 
 def load_eval_hashes(path: Optional[str]) -> set[str]:
@@ -235,8 +191,11 @@ def _scan_chunk(task: dict) -> dict:
     blobs: list[bytes] = []
     pending = []  # (record index, bytes, was_original) to check with DALI
     blob_at = 0
-    for path in task["paths"]:
-        data, reason = _read_file(path, limits.max_bytes)
+    for path, offset, size in task["paths"]:
+        if offset < 0:
+            data, reason = _read_file(path, limits.max_bytes)
+        else:
+            data, reason = meta_mod.read_member(path, offset, size, limits.max_bytes)
         rec = {"action": "skipped", "reason": reason or "", "detail": "", "sha256": "", "h": 0, "w": 0}
         if data is not None:
             rec["sha256"] = hashlib.sha256(data).hexdigest()
@@ -299,7 +258,11 @@ def _write_shard_task(task: dict) -> dict:
             want = src["out_sha256"]
         else:
             with open(src["file"], "rb") as f:
-                data = f.read()
+                if src["offset"] >= 0:
+                    f.seek(src["offset"])
+                    data = f.read(src["size"])
+                else:
+                    data = f.read()
             want = src["sha256"]
         if hashlib.sha256(data).hexdigest() != want:
             raise BuildError(
@@ -425,6 +388,9 @@ def _check_config(cfg: BuildConfig) -> None:
     if cfg.dali_device not in ("cpu", "mixed"):
         raise ValueError(f"dali_device {cfg.dali_device!r}: expected 'cpu' or 'mixed'")
     vocab_mod.parse_vocab_size(cfg.vocab_size)
+    meta_mod.detect_format(cfg.metadata, cfg.format)
+    if cfg.yfcc_tags not in meta_mod.YFCC_TAGS:
+        raise ValueError(f"yfcc_tags {cfg.yfcc_tags!r}: expected one of {', '.join(meta_mod.YFCC_TAGS)}")
 
 
 def _capped(keys: list, limit: int = REPORT_MAX_KEYS) -> dict:
@@ -440,7 +406,8 @@ def build(config: Union[BuildConfig, dict]) -> dict:
     k = vocab_mod.parse_vocab_size(cfg.vocab_size)
     use_dali, validator_note = _validators(cfg)
     synonyms = vocab_mod.load_synonyms(cfg.synonyms)
-    rows = read_metadata(cfg, synonyms)
+    not_images: dict[str, int] = {}  # rows left out on purpose (YFCC100M videos)
+    rows = read_metadata(cfg, synonyms, not_images)
     eval_hashes = load_eval_hashes(cfg.eval_set)
     workers = cfg.workers if cfg.workers > 0 else (os.cpu_count() or 1)
     out = os.path.abspath(cfg.out)
@@ -450,7 +417,7 @@ def build(config: Union[BuildConfig, dict]) -> dict:
     shard_dir = os.path.join(out, "shards")
 
     # Which configuration produced what is already here.
-    metadata_sha = _file_sha256(cfg.metadata)
+    metadata_sha = _inputs_fingerprint(cfg)
     ignored = ("progress", "workers", "start_method", "overwrite", "out")
     settings = {name: v for name, v in dataclasses.asdict(cfg).items() if name not in ignored}
     config_fp = _fingerprint({"settings": settings, "metadata": metadata_sha, "images": os.path.abspath(cfg.images),
@@ -458,7 +425,7 @@ def build(config: Union[BuildConfig, dict]) -> dict:
     scan_fp = _fingerprint({
         "version": SCAN_VERSION, "images": os.path.abspath(cfg.images), "metadata": metadata_sha,
         "limits": dataclasses.asdict(cfg.limits()), "dali": use_dali, "dali_device": cfg.dali_device,
-        "chunk": cfg.chunk_size, "fields": [cfg.path_field, cfg.key_field],
+        "chunk": cfg.chunk_size, "fields": dataclasses.asdict(cfg.fields()), "format": cfg.format,
     })
     meta_path = os.path.join(out, "dataset.json")
     if os.path.isfile(meta_path) and not cfg.overwrite:
@@ -491,7 +458,7 @@ def build(config: Union[BuildConfig, dict]) -> dict:
             continue
         chunk = rows[start : start + cfg.chunk_size]
         tasks.append({
-            "chunk": c, "start": start, "paths": [os.path.join(cfg.images, r.path) for r in chunk],
+            "chunk": c, "start": start, "paths": [(os.path.join(cfg.images, r.path), r.offset, r.size) for r in chunk],
             "limits": limits, "dali": use_dali, "dali_device": cfg.dali_device, "scan_dir": scan_dir,
         })
     scanned_before = len(rows) - sum(len(t["paths"]) for t in tasks)
@@ -574,7 +541,8 @@ def build(config: Union[BuildConfig, dict]) -> dict:
         for i, tags in zip(final[lo:hi], final_tags[lo:hi]):
             rec = records[i]
             samples.append({
-                "file": os.path.join(cfg.images, rows[i].path), "sha256": rec["sha256"], "tags": tags.tolist(),
+                "file": os.path.join(cfg.images, rows[i].path), "offset": rows[i].offset, "size": rows[i].size,
+                "sha256": rec["sha256"], "tags": tags.tolist(),
                 "blob": rec.get("blob"), "out_sha256": rec.get("out_sha256"),
                 "bin": os.path.join(scan_dir, "chunk-%06d.bin" % rec["chunk"]),
             })
@@ -636,6 +604,7 @@ def build(config: Union[BuildConfig, dict]) -> dict:
         "config": dataclasses.asdict(cfg),
         "validation": validator_note,
         "metadata_rows": len(rows),
+        "not_images": dict(sorted(not_images.items())),  # metadata rows left out before the scan (videos)
         "valid_as_is": n_ok,
         "reencoded": {r: len(v) for r, v in sorted(reencoded_keys.items())},
         "skipped": {r: len(v) for r, v in sorted(skipped_keys.items())},

@@ -24,7 +24,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("build", help="validate, deduplicate and shard a raw dataset")
     p.add_argument("--images", required=True, help="image root (metadata paths are relative to it)")
-    p.add_argument("--metadata", required=True, help=".jsonl or .csv: path + caption or tags per image")
+    p.add_argument("--metadata", required=True,
+                   help=".jsonl, .csv, .tsv, .parquet, a YFCC100M dataset file, or a directory of webdataset tars")
+    p.add_argument("--format", default="auto",
+                   choices=("auto", "jsonl", "csv", "tsv", "parquet", "yfcc100m", "webdataset"),
+                   help="metadata format (auto: by extension; a directory or .tar is webdataset)")
+    p.add_argument("--path-template", help="image path from a row's fields, e.g. '{key}.jpg' or "
+                   "'{hash[0:3]}/{hash[3:6]}/{hash}.jpg' (the yfcc100m default)")
+    p.add_argument("--yfcc-tags", choices=("user", "machine", "both"), default="user",
+                   help="yfcc100m: which tags become hashtags")
+    p.add_argument("--path-field", default="path", help="metadata column of the image path")
+    p.add_argument("--caption-field", default="caption", help="metadata column of the caption")
+    p.add_argument("--tags-field", default="tags", help="metadata column of the hashtag list")
+    p.add_argument("--key-field", default="key", help="metadata column of the sample key (default: the path)")
     p.add_argument("--out", required=True, help="output dataset directory")
     p.add_argument("--vocab-size", default="1.5k", help="K, or a preset: 1.5k, 8.5k, 17k")
     p.add_argument("--synonyms", help="JSON {hashtag: canonical} or a 2-column CSV/TSV")
@@ -90,7 +102,9 @@ def _run(args: argparse.Namespace) -> int:
             weighting=args.weighting, validate_with=validate, dali_device=args.dali_device,
             max_bytes=args.max_bytes, max_pixels=args.max_pixels, min_side=args.min_side,
             reencode_progressive=not args.keep_progressive, quality=args.quality, overwrite=args.overwrite,
-            progress=not args.quiet,
+            progress=not args.quiet, format=args.format, path_template=args.path_template,
+            yfcc_tags=args.yfcc_tags, path_field=args.path_field, caption_field=args.caption_field,
+            tags_field=args.tags_field, key_field=args.key_field,
         ))
         summary = {k: report[k] for k in ("metadata_rows", "valid_as_is", "reencoded", "skipped", "dropped",
                                            "written", "vocab", "shards", "seconds")}
