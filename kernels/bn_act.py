@@ -27,6 +27,9 @@ TARGET_PROGRAMS = 1024
 
 @triton.jit
 def _offsets(rows, cols, C, S, CHANNELS_LAST: tl.constexpr):
+    # 64-bit: an activation can hold 2**31 elements and more (C = 3072 at 56 x 56 px from
+    # batch 223), and the row index times the row length would wrap in 32 bits.
+    rows = rows.to(tl.int64)
     if CHANNELS_LAST:
         return rows[:, None] * C + cols[None, :]
     image = rows // S

@@ -1,0 +1,689 @@
+"""Hopper compile gate: every Triton kernel at every configuration the engine launches on a
+GPU, and the CUDA extension's kernels, compiled for sm_90 (and sm_100) on a machine
+without one; fails on a compile error, on shared memory above the target's per-block
+limit, and on local memory (register spills) above SPILL_BOUND_BYTES.
+
+    python -m benchmarks.compile_gate --out benchmarks/results/compile_sm90.json
+
+How the launches are found: the real launchers run on fake CUDA tensors (torch's
+FakeTensorMode allocates nothing and needs no device) with every Triton launch
+intercepted. Each intercepted launch is reduced to what Triton specialises on (argument
+dtypes, 16-byte alignment of pointers, integers equal to 1 or divisible by 16, 32 or
+64 bits, constexprs, warps and stages) exactly as Triton's own launcher does, and
+deduplicated by that key. The launches come from:
+  conv_bn      the fused bottleneck's training forward and backward (with each choice of
+               its grouped 3x3: reference, Triton at each tile span) and the folded
+               inference forward;
+  bn_act       forward (training, eval) and backward of every batch norm of the
+               bn_act-fused model, both layouts;
+  hashtag_ce   forward and backward of the head at full vocabularies and 8-rank slices.
+over ResNeXt-101 32x8d / 32x16d / 32x48d at 224 px, batches 64, 100 and 256 (100: rows not
+a multiple of 16), the head at D = 2048, B = 512..4096, V = 1.5k, 8.5k, 17k, 1M, in bf16,
+fp16 and fp32.
+
+Each unique launch is then compiled by a worker process (benchmarks/compile_gate.py
+--worker) under each Triton release: the one in this environment and, when the venv
+exists, Triton 3.6 in .venv-triton36 (triton and numpy only: the worker imports the
+kernel modules with a stand-in for torch, since compiling needs none of it). Registers
+and local memory come from cuobjdump on the cubin, shared memory from Triton's metadata,
+and instruction counts (wgmma, cp.async, 2-byte global accesses) from the PTX.
+
+CUDA: csrc/*.cu compiled for sm_90 with `nvcc -Xptxas -v` (compile only; the extension
+is not rebuilt), results cached by source hash in .gate-cache/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".gate-cache"
+TRITON36_PYTHON = ROOT / ".venv-triton36" / "bin" / "python"
+
+# Per-block shared memory a kernel may opt into: 227 KB on sm_90 (H100/H200) and sm_100 (B200).
+SMEM_LIMIT = {90: 232_448, 100: 232_448}
+# Local memory per thread (spills and stack) a kernel may use: a few spilled registers
+# in a cold path are tolerable, a spilled inner loop is not.
+SPILL_BOUND_BYTES = 64
+# What Triton's launcher assumes of a pointer: PyTorch's allocator hands out 512-byte
+# aligned blocks, so a view's alignment is that of its byte offset.
+BASE_ADDRESS = 1 << 20
+H100_SMS = 132
+
+RESNEXT = {"32x8d": 8, "32x16d": 16, "32x48d": 48}
+LAYERS = (3, 4, 23, 3)
+BATCHES = (64, 100, 256)
+DTYPES = ("bfloat16", "float16", "float32")
+HEAD_DIM = 2048
+HEAD_BATCHES = (512, 1024, 4096)
+VOCABS = (1_500, 8_500, 17_000, 1_000_000)
+RANKS = 8
+TAG_COUNTS = (8, 32)
+SPANS = (16, 32, 64)  # kernels.grouped_conv.SPANS: the tile spans the autotuner times
+CUDA_SOURCES = ("csrc/bn_act_cuda.cu", "csrc/grouped_conv_cuda.cu")
+
+
+# --------------------------------------------------------------------------------------
+# Capture: run the launchers on fake CUDA tensors, record each Triton launch.
+
+class _Recorder:
+    def __init__(self):
+        self.specs: dict[str, dict] = {}
+        self.label = ""
+
+    def record(self, fn, args, kwargs):
+        abstract = [_abstract(a) for a in args]
+        options = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+        module = fn.fn.__module__.rsplit(".", 1)[-1]
+        key = json.dumps([module, fn.__name__, abstract, sorted(options.items())], default=str)
+        spec = self.specs.setdefault(key, {"module": module, "kernel": fn.__name__, "args": abstract,
+                                           "options": options, "shapes": [], "launches": 0})
+        spec["launches"] += 1
+        import torch
+        large = {name for name, a in zip(fn.arg_names, args) if isinstance(a, torch.Tensor) and a.numel() >= 2**31}
+        spec.setdefault("large_args", [])
+        spec["large_args"] = sorted(set(spec["large_args"]) | large)
+        if len(spec["shapes"]) < 3 and self.label not in spec["shapes"]:
+            spec["shapes"].append(self.label)
+
+
+def _abstract(a):
+    """A launch argument reduced to what Triton's specialisation sees."""
+    import torch
+    if isinstance(a, torch.Tensor):
+        return {"tensor": str(a.dtype).removeprefix("torch."),
+                "aligned": (a.storage_offset() * a.element_size()) % 16 == 0}
+    if isinstance(a, bool) or a is None or isinstance(a, str):
+        return a
+    if isinstance(a, int):
+        if a == 1:
+            return 1
+        wide = not -2**31 <= a < 2**31
+        return {"int": 64 if wide else 32, "div16": a % 16 == 0}
+    if isinstance(a, float):
+        return {"float": True}
+    raise TypeError(f"compile_gate: unexpected launch argument {type(a).__name__}")
+
+
+@contextlib.contextmanager
+def _intercepted(recorder):
+    """Triton launches recorded instead of run; custom ops called through their Python
+    bodies (under FakeTensorMode a custom op would run its fake, launching nothing); an
+    H100's SM count for the launchers that size grids by it."""
+    import types
+
+    import torch
+    from torch._library.custom_ops import CustomOpDef
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from triton.runtime.jit import JITFunction
+
+    import engine.kernels.bn_act
+    import engine.kernels.conv_bn
+    import engine.kernels.grouped_conv
+    import engine.kernels.hashtag_ce
+
+    def run(self, *args, grid, warmup, **kwargs):
+        recorder.record(self, args, kwargs)
+
+    patched = []
+    for mod in (engine.kernels.bn_act, engine.kernels.conv_bn, engine.kernels.grouped_conv,
+                engine.kernels.hashtag_ce):
+        for name, value in vars(mod).copy().items():
+            if isinstance(value, CustomOpDef):
+                patched.append((mod, name, value))
+                setattr(mod, name, value._init_fn)
+    old_run, old_props = JITFunction.run, torch.cuda.get_device_properties
+    JITFunction.run = run
+    torch.cuda.get_device_properties = lambda *_: types.SimpleNamespace(multi_processor_count=H100_SMS)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            yield
+    finally:
+        JITFunction.run, torch.cuda.get_device_properties = old_run, old_props
+        for mod, name, value in patched:
+            setattr(mod, name, value)
+
+
+def _blocks(variant: str):
+    """(label, cin, width, c_out, h, stride, has_downsample) of each distinct block shape."""
+    width_per_group = RESNEXT[variant]
+    inplanes, h = 64, 56
+    for stage, planes in enumerate((64, 128, 256, 512)):
+        stride = 1 if stage == 0 else 2
+        width = planes * width_per_group // 64 * 32
+        out = planes * 4
+        yield f"{variant} layer{stage + 1}.0", inplanes, width, out, h, stride, True
+        h //= stride
+        yield f"{variant} layer{stage + 1}.1+", out, width, out, h, 1, False
+        inplanes = out
+
+
+def _capture_conv_bn(recorder, dtype, n, variant):
+    import torch
+
+    from engine.ops import conv_bn as ops
+
+    cuda = dict(device="cuda")
+    nhwc = torch.channels_last
+    for label, cin, width, c_out, h, stride, has_ds in _blocks(variant):
+        ho = (h - 1) // stride + 1
+        x = torch.empty(n, cin, h, h, dtype=dtype, **cuda).to(memory_format=nhwc)
+        w1, w2 = torch.empty(width, cin, 1, 1, **cuda), torch.empty(width, width // 32, 3, 3, **cuda)
+        w3, wd = torch.empty(c_out, width, 1, 1, **cuda), torch.empty(c_out, cin, 1, 1, **cuda)
+        bn = [torch.empty(c, **cuda) for c in (width, width, width, width, c_out, c_out, c_out, c_out)]
+        g1, b1, g2, b2, g3, b3, gd, bd = bn[0], bn[1], bn[2], bn[3], bn[4], bn[5], bn[6], bn[7]
+        running = [torch.empty(c, **cuda) for c in (width, width, width, width, c_out, c_out, c_out, c_out)]
+        for choice in ("reference", "triton:16", "triton:32", "triton:64"):
+            recorder.label = f"{label} b{n} {dtype} train 3x3={choice}"
+            ctx = _Ctx()
+            out = ops._TrainFunction.forward(ctx, x, w1, w2, w3, wd if has_ds else None, g1, b1, g2, b2, g3, b3,
+                                             gd if has_ds else None, bd if has_ds else None, *running,
+                                             stride, 32, 0.1, 1e-5, choice)
+            assert out.shape == (n, c_out, ho, ho)
+            ops._TrainFunction.backward(ctx, torch.empty_like(out))
+        params = [ops.BNParams(*(torch.empty(c, **cuda) for _ in range(4))) for c in (width, width, c_out, c_out)]
+        for span in SPANS:
+            # The folded forward's 3x3 goes through grouped_conv3x3's dispatch (cuDNN or a
+            # fused kernel, by timing); here, the Triton kernel at each tile span.
+            recorder.label = f"{label} b{n} {dtype} eval 3x3=triton:{span}"
+            with _replaced(ops._grouped_ops(), "grouped_conv3x3", _triton_3x3(span)):
+                ops._folded_forward(x, w1, params[0], w2, params[1], w3, params[2], wd if has_ds else None,
+                                    params[3] if has_ds else None, stride, 32, 1e-5)
+
+
+def _triton_3x3(span):
+    from engine.kernels import grouped_conv
+
+    def conv(x, weight, *, stride, groups):
+        return grouped_conv.grouped_conv_fwd_triton(x, weight, None, None, stride, groups, False, span)[0]
+    return conv
+
+
+@contextlib.contextmanager
+def _replaced(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+class _Ctx:
+    """What torch.autograd.Function's forward and backward use of their context."""
+
+    needs_input_grad = (True,) * 26
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def _capture_bn_act(recorder, dtype, n, variant):
+    import torch
+
+    from engine.kernels import bn_act
+
+    cuda = dict(device="cuda")
+    # (channels, size, residual, relu): the stem, each block's bn1 and bn2, bn3 with the
+    # residual, the downsample's norm.
+    norms = {(64, 112, False, True)}
+    for _, cin, width, c_out, h, stride, has_ds in _blocks(variant):
+        ho = (h - 1) // stride + 1
+        norms |= {(width, h, False, True), (width, ho, False, True), (c_out, ho, True, True)}
+        if has_ds:
+            norms.add((c_out, ho, False, False))
+    for c, size, residual, relu in sorted(norms):
+        for layout in (torch.channels_last, torch.contiguous_format):
+            x = torch.empty(n, c, size, size, dtype=dtype, **cuda).to(memory_format=layout)
+            w, b, rm, rv = (torch.empty(c, **cuda) for _ in range(4))
+            res = torch.empty_like(x) if residual else None
+            recorder.label = f"{variant} bn_act C={c} {size}px b{n} {dtype} {str(layout).removeprefix('torch.')}"
+            for training in (True, False):
+                y, mean, invstd = bn_act.forward(x, w, b, res, rm, rv, training, 0.1, 1e-5, relu)
+                bn_act.backward(torch.empty_like(y), x, y, w, mean, invstd, training, relu, residual)
+
+
+def _capture_hashtag(recorder, dtype):
+    import torch
+
+    from engine.kernels import hashtag_ce
+    from engine.ops.hashtag_ce import vocab_slices
+
+    cuda = dict(device="cuda")
+    for vocab in VOCABS:
+        sizes = sorted({vocab} | {stop - start for start, stop in vocab_slices(vocab, RANKS)})
+        for v in sizes:
+            for b in HEAD_BATCHES:
+                for k in TAG_COUNTS:
+                    recorder.label = f"head V={v} B={b} K={k} {dtype}"
+                    x = torch.empty(b, HEAD_DIM, dtype=dtype, **cuda)
+                    w = torch.empty(v, HEAD_DIM, dtype=dtype, **cuda)
+                    bias = torch.empty(v, dtype=dtype, **cuda)
+                    tags = torch.empty(b, k, dtype=torch.int64, **cuda)
+                    tw = torch.empty(b, k, **cuda)
+                    hashtag_ce.forward(x, w, bias, tags, tw, True)
+                    lse, coef = torch.empty(b, **cuda), torch.empty(3, b, **cuda)
+                    hashtag_ce.backward(x, w, bias, tags, tw, lse, coef, True, True)
+
+
+def capture(models=tuple(RESNEXT), batches=BATCHES, dtypes=DTYPES, head=True) -> list[dict]:
+    import torch
+
+    recorder = _Recorder()
+    with _intercepted(recorder):
+        for name in dtypes:
+            dtype = getattr(torch, name)
+            for variant in models:
+                for n in batches:
+                    _capture_conv_bn(recorder, dtype, n, variant)
+                    _capture_bn_act(recorder, dtype, n, variant)
+            if head:
+                _capture_hashtag(recorder, dtype)
+    return list(recorder.specs.values())
+
+
+# --------------------------------------------------------------------------------------
+# Compile (the worker): needs triton only.
+
+class _FakeDtype:
+    def __init__(self, name):
+        self.name = name
+
+    def __str__(self):
+        return f"torch.{self.name}"
+
+
+class _FakePointer:
+    """A tensor argument as Triton's launcher sees it: a dtype and an address."""
+
+    def __init__(self, dtype, aligned):
+        self.dtype = _FakeDtype(dtype)
+        self.address = BASE_ADDRESS + (0 if aligned else 2)
+
+    def data_ptr(self):
+        return self.address
+
+
+def _concrete(a):
+    if isinstance(a, dict) and "tensor" in a:
+        return _FakePointer(a["tensor"], a["aligned"])
+    if isinstance(a, dict) and "int" in a:
+        value = 2**32 if a["int"] == 64 else 2**20
+        return value if a["div16"] else value + 3
+    if isinstance(a, dict) and "float" in a:
+        return 0.5
+    return a
+
+
+def _import_kernels(module: str):
+    import importlib
+    try:
+        import torch  # noqa: F401
+        return importlib.import_module(f"engine.kernels.{module}")
+    except ImportError:
+        pass
+    # A Triton-only environment: the kernel modules import torch for their launchers and
+    # torch.library registrations, none of which compiling a kernel runs.
+    import types
+
+    class _Inert:
+        def __getattr__(self, name):
+            return _Inert()
+
+        def __call__(self, *args, **kwargs):
+            return _Inert()
+
+    stub = types.ModuleType("torch")
+    stub.__getattr__ = lambda name: _Inert()
+    sys.modules.setdefault("torch", stub)
+    sys.path.insert(0, str(ROOT))
+    return importlib.import_module(f"kernels.{module}")
+
+
+def _tool(name: str) -> str:
+    import triton
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return str(bundled) if bundled.exists() else name
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    usage = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", out))
+    return {"registers": int(usage["REG"]), "local_bytes": int(usage["LOCAL"]), "stack_bytes": int(usage["STACK"])}
+
+
+PTX_COUNTS = {
+    "wgmma": r"wgmma\.mma_async",
+    "mma_sync": r"\bmma\.sync",
+    "cp_async_16": r"cp\.async\.c[ag]\.shared\.global(?:\.L2::\w+)? \[[^\]]+\], \[[^\]]+\], 16",
+    "cp_async_small": r"cp\.async\.c[ag]\.shared\.global(?:\.L2::\w+)? \[[^\]]+\], \[[^\]]+\], (?:2|4|8)\b",
+    "ld_global_b16": r"ld\.global(?:\.\w+)*\.[bu]16 ",
+    "st_global_b16": r"st\.global(?:\.\w+)*\.[bu]16 ",
+    "ld_global_v4": r"ld\.global(?:\.\w+)*\.v4",
+    "st_global_v4": r"st\.global(?:\.\w+)*\.v4",
+}
+
+
+def narrow_tile_offsets(ttir: str, args) -> list[str]:
+    """The TTIR lines that first offset a 2-D tile of pointers into one of `args` (kernel
+    argument names) by 32-bit integers: that sum wraps once the tensor behind the argument
+    holds 2**31 elements or more. (Adding a small i32 term to a pointer tile already
+    offset in 64 bits, as `X + rows64 * C + cols` lowers, is fine and not reported.)"""
+    tiles = set()
+    for line in ttir.splitlines():
+        m = re.search(r"(%[\w.]+) = tt\.splat %(\w+) : !tt\.ptr<[^>]+> -> tensor<\d+x\d+x!tt\.ptr", line)
+        if m and m.group(2) in args:
+            tiles.add(m.group(1))
+    return [line.strip() for line in ttir.splitlines()
+            if (m := re.search(r"tt\.addptr (%[\w.]+), %[\w.]+ : tensor<\d+x\d+x!tt\.ptr<[^>]+>>, "
+                               r"tensor<\d+x\d+xi32>", line)) and m.group(1) in tiles]
+
+
+def compile_spec(spec: dict, arch: int, keep_ttir: bool = False) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = getattr(_import_kernels(spec["module"]), spec["kernel"])
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(spec["options"])
+    bound, specialization, options = binder(*[_concrete(a) for a in spec["args"]], **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    row = {"triton": triton.__version__, "target": f"sm_{arch}"}
+    start = time.perf_counter()
+    try:
+        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    except Exception as e:  # the gate's verdict on this kernel, reported in the table
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]
+        return row
+    row["compile_s"] = round(time.perf_counter() - start, 2)
+    row["shared_bytes"] = kernel.metadata.shared
+    row.update(_resource_usage(kernel.asm["cubin"]))
+    ptx = kernel.asm["ptx"]
+    row["ptx"] = {name: len(re.findall(pattern, ptx)) for name, pattern in PTX_COUNTS.items()}
+    narrow = narrow_tile_offsets(kernel.asm["ttir"], spec.get("large_args", ()))
+    if narrow:
+        row["narrow_offsets"] = narrow[:4]
+    if keep_ttir:
+        row["ttir"] = kernel.asm["ttir"]
+    return row
+
+
+def _worker_main(specs_path: str, arch: int, out_path: str, jobs: int) -> None:
+    specs = json.loads(Path(specs_path).read_text())
+    if jobs > 1:
+        import multiprocessing
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            rows = pool.starmap(compile_spec, [(s, arch) for s in specs])
+    else:
+        rows = [compile_spec(s, arch) for s in specs]
+    Path(out_path).write_text(json.dumps(rows))
+
+
+def run_worker(python: str, specs: list[dict], arch: int, jobs: int) -> list[dict]:
+    """Compiles specs in a fresh process of `python` (this venv or the Triton 3.6 one)."""
+    CACHE.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        specs_path, out_path = Path(tmp, "specs.json"), Path(tmp, "rows.json")
+        specs_path.write_text(json.dumps(specs))
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.setdefault("TRITON_CACHE_DIR", str(CACHE / "triton"))
+        subprocess.run([python, str(Path(__file__).resolve()), "--worker", str(specs_path), "--arch", str(arch),
+                        "--rows", str(out_path), "--jobs", str(jobs)], check=True, env=env, cwd=ROOT)
+        return json.loads(out_path.read_text())
+
+
+# --------------------------------------------------------------------------------------
+# CUDA: nvcc -Xptxas -v per translation unit.
+
+def _nvcc_command(source: str, arch: int, obj: str) -> list[str]:
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+    nvcc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    includes = [f"-I{p}" for p in include_paths("cuda")] + [f"-I{sysconfig.get_paths()['include']}"]
+    # The flags of setup.py's build, plus ptxas's report.
+    flags = ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17", "-DENGINE_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
+             "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+             "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr", "-Xptxas", "-v"]
+    return [nvcc, *includes, *flags, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-c", source, "-o", obj]
+
+
+def _parse_ptxas(log: str) -> list[dict]:
+    rows, current = [], None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)' for '(sm_\d+)'", line)
+        if m:
+            current = {"kernel": _demangle(m.group(1)), "target": m.group(2), "local_bytes": 0}
+            rows.append(current)
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            current["stack_bytes"], current["spill_store_bytes"], current["spill_load_bytes"] = map(int, m.groups())
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            current["registers"] = int(m.group(1))
+            smem = re.search(r"(\d+) bytes smem", line)
+            current["shared_bytes"] = int(smem.group(1)) if smem else 0
+            lmem = re.search(r"(\d+) bytes lmem", line)
+            current["local_bytes"] = int(lmem.group(1)) if lmem else 0
+    return rows
+
+
+def _demangle(name: str) -> str:
+    try:
+        return subprocess.run(["c++filt", name], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return name
+
+
+def compile_cuda(arch: int) -> list[dict]:
+    CACHE.mkdir(exist_ok=True)
+    rows = []
+    headers = sorted((ROOT / "csrc").glob("*.h"))
+    for source in CUDA_SOURCES:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = _nvcc_command(source, arch, str(Path(tmp, "k.o")))
+        digest = hashlib.sha256(json.dumps(cmd[1:]).encode() + (ROOT / source).read_bytes()
+                                + b"".join(h.read_bytes() for h in headers)).hexdigest()[:20]
+        cached = CACHE / f"nvcc-{digest}.json"
+        if cached.exists():
+            rows += json.loads(cached.read_text())
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = _nvcc_command(source, arch, str(Path(tmp, "k.o")))
+            start = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if done.returncode != 0:
+            found = [{"source": source, "target": f"sm_{arch}", "error": done.stderr[-2000:]}]
+        else:
+            found = [dict(r, source=source) for r in _parse_ptxas(done.stderr)]
+            for r in found:
+                r["compile_s"] = round(time.perf_counter() - start, 1)
+            cached.write_text(json.dumps(found))
+        rows += found
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Verdicts and the report.
+
+def verdict(row: dict, arch: int) -> list[str]:
+    problems = []
+    if "error" in row:
+        problems.append(f"compile error: {row['error'][:300]}")
+        return problems
+    if row.get("shared_bytes", 0) > SMEM_LIMIT[arch]:
+        problems.append(f"shared memory {row['shared_bytes']} B > {SMEM_LIMIT[arch]} B")
+    if row.get("narrow_offsets"):
+        problems.append(f"32-bit offsets into a tensor of 2**31+ elements: {row['narrow_offsets'][0]}")
+    if row.get("local_bytes", 0) > SPILL_BOUND_BYTES:
+        problems.append(f"local memory (spills) {row['local_bytes']} B/thread > {SPILL_BOUND_BYTES} B")
+    return problems
+
+
+def _config_text(spec: dict) -> str:
+    opts = spec["options"]
+    parts = [f"{k}={v}" for k, v in sorted(opts.items()) if k not in ("num_warps", "num_stages")]
+    parts.append(f"warps={opts.get('num_warps', 4)} stages={opts.get('num_stages', 3)}")
+    return " ".join(parts)
+
+
+def _dtype_of(spec: dict) -> str:
+    for a in spec["args"]:
+        if isinstance(a, dict) and a.get("tensor") in DTYPES:
+            return a["tensor"]
+    return "float32"
+
+
+def _summary(report: dict) -> str:
+    lines = [f"# Compile gate: {report['verdict']}", "",
+             f"Produced on a CPU machine without a GPU ({report['host']}), {report['date']}: kernels compiled "
+             f"for the targets below, never run. Shared-memory limit {SMEM_LIMIT[90]:,} B per block; "
+             f"local memory (spills) bound {SPILL_BOUND_BYTES} B per thread.", ""]
+    for name, section in report["triton"].items():
+        rows = section["rows"]
+        worst = sorted(rows, key=lambda r: -r.get("shared_bytes", 0))[:1]
+        lines.append(f"## {name}: {len(rows)} compiles, {sum(1 for r in rows if r['problems'])} failing, "
+                     f"{section['seconds']:.0f} s")
+        if worst:
+            lines.append(f"Largest shared memory: {worst[0]['kernel']} {worst[0]['config']} {worst[0]['dtype']}: "
+                         f"{worst[0].get('shared_bytes')} B.")
+        lines.append("")
+        lines.append("| kernel | dtype | config | regs | smem B | local B | wgmma | problems |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for r in sorted(rows, key=lambda r: (r["kernel"], r["dtype"], r["config"])):
+            lines.append(f"| {r['module']}.{r['kernel']} | {r['dtype']} | {r['config']} | {r.get('registers', '')} | "
+                         f"{r.get('shared_bytes', '')} | {r.get('local_bytes', '')} | "
+                         f"{'yes' if r.get('ptx', {}).get('wgmma') else 'no'} | {'; '.join(r['problems'])} |")
+        lines.append("")
+    for name, rows in report["cuda"].items():
+        lines.append(f"## CUDA {name}")
+        lines.append("| kernel | regs | smem B | spill st/ld B | problems |")
+        lines.append("|---|---|---|---|---|")
+        for r in rows:
+            lines.append(f"| {r.get('kernel', r.get('source'))} | {r.get('registers', '')} | {r.get('shared_bytes', '')} "
+                         f"| {r.get('spill_store_bytes', '')}/{r.get('spill_load_bytes', '')} | "
+                         f"{'; '.join(r['problems'])} |")
+        lines.append("")
+    if report.get("differences"):
+        lines.append("## sm_90 vs sm_100 (same Triton)")
+        lines += [f"- {d}" for d in report["differences"]]
+    return "\n".join(lines) + "\n"
+
+
+def _differences(rows90: list[dict], rows100: list[dict]) -> list[str]:
+    out = []
+    for a, b in zip(rows90, rows100):
+        if ("error" in a) != ("error" in b):
+            out.append(f"{a['kernel']} {a['config']} {a['dtype']}: compiles on "
+                       f"{'sm_100 only' if 'error' in a else 'sm_90 only'}")
+            continue
+        if "error" in a:
+            continue
+        deltas = [f"{k} {a.get(k)} -> {b.get(k)}" for k in ("shared_bytes", "registers", "local_bytes")
+                  if a.get(k) != b.get(k) and abs((a.get(k) or 0) - (b.get(k) or 0)) > 0.25 * max(a.get(k) or 1, 1)]
+        if deltas:
+            out.append(f"{a['kernel']} {a['config']} {a['dtype']}: " + ", ".join(deltas))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", help="JSON report (a readable .md summary is written beside it)")
+    p.add_argument("--jobs", type=int, default=2, help="compile processes")
+    p.add_argument("--models", default=",".join(RESNEXT), help="ResNeXt variants, comma-separated")
+    p.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    p.add_argument("--dtypes", default=",".join(DTYPES))
+    p.add_argument("--no-head", action="store_true", help="skip the hashtag head's shapes")
+    p.add_argument("--no-cuda", action="store_true", help="skip nvcc on csrc/*.cu")
+    p.add_argument("--no-sm100", action="store_true", help="skip the Blackwell compile")
+    p.add_argument("--triton36", choices=("auto", "require", "skip"), default="auto",
+                   help="also compile under Triton 3.6 from .venv-triton36 (auto: when it exists)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--arch", type=int, default=90, help=argparse.SUPPRESS)
+    p.add_argument("--rows", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        _worker_main(args.worker, args.arch, args.rows, args.jobs)
+        return 0
+
+    import triton
+    start = time.perf_counter()
+    specs = capture(tuple(args.models.split(",")), tuple(int(b) for b in args.batches.split(",")),
+                    tuple(args.dtypes.split(",")), not args.no_head)
+    capture_s = time.perf_counter() - start
+    print(f"compile_gate: {len(specs)} unique launches captured in {capture_s:.0f} s", flush=True)
+    runs = [(f"triton {triton.__version__} sm_90", sys.executable, 90)]
+    if not args.no_sm100:
+        runs.append((f"triton {triton.__version__} sm_100", sys.executable, 100))
+    if args.triton36 == "require" and not TRITON36_PYTHON.exists():
+        raise SystemExit(f"compile_gate: {TRITON36_PYTHON} is missing (make triton36-venv)")
+    if args.triton36 != "skip" and TRITON36_PYTHON.exists():
+        runs.append(("triton 3.6 sm_90", str(TRITON36_PYTHON), 90))
+    report = {"produced_on": "a CPU machine without a GPU: compiled, never run", "host": platform.node() or "?",
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "smem_limit_bytes": SMEM_LIMIT, "spill_bound_bytes": SPILL_BOUND_BYTES,
+              "capture_s": round(capture_s, 1), "triton": {}, "cuda": {}}
+    compiled = {}
+    for name, python, arch in runs:
+        t = time.perf_counter()
+        rows = run_worker(python, specs, arch, args.jobs)
+        compiled[name] = rows
+        table = []
+        for spec, row in zip(specs, rows):
+            table.append(dict(module=spec["module"], kernel=spec["kernel"], config=_config_text(spec),
+                              dtype=_dtype_of(spec), launches=spec["launches"], shapes=spec["shapes"], **row,
+                              problems=verdict(row, arch)))
+        report["triton"][name] = {"seconds": round(time.perf_counter() - t, 1), "rows": table}
+        failing = sum(1 for r in table if r["problems"])
+        print(f"compile_gate: {name}: {len(rows)} compiles, {failing} failing, "
+              f"{time.perf_counter() - t:.0f} s", flush=True)
+    if len(runs) > 1 and not args.no_sm100:
+        report["differences"] = _differences(*(report["triton"][n]["rows"] for n, _, _ in runs[:2]))
+    if not args.no_cuda:
+        t = time.perf_counter()
+        report["cuda"]["nvcc sm_90"] = [dict(r, problems=verdict(r, 90)) for r in compile_cuda(90)]
+        print(f"compile_gate: CUDA sm_90 in {time.perf_counter() - t:.0f} s", flush=True)
+    problems = [f"{name}: {r.get('module', r.get('source'))}.{r.get('kernel')} {r.get('config', '')} "
+                f"{r.get('dtype', '')}: {'; '.join(r['problems'])}"
+                for name, section in report["triton"].items() for r in section["rows"] if r["problems"]]
+    problems += [f"CUDA {name}: {r.get('kernel', r.get('source'))}: {'; '.join(r['problems'])}"
+                 for name, rows in report["cuda"].items() for r in rows if r["problems"]]
+    report["verdict"] = "FAIL" if problems else "PASS"
+    report["problems"] = problems
+    report["total_s"] = round(time.perf_counter() - start, 1)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        out.with_suffix(".md").write_text(_summary(report))
+    for line in problems:
+        print(f"compile_gate: FAIL {line}")
+    print(f"compile_gate: {report['verdict']} in {report['total_s']:.0f} s")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
