@@ -19,6 +19,7 @@ class Progress:
         self._interval = 0.2 if self.tty else 10.0
         self._last = 0.0 if self.tty else self.start  # logs: a line every 10 s, and the last one
         self._closed = False
+        self.note = ""  # appended to the line, e.g. rejected images so far by reason
 
     def update(self, k: int = 1) -> None:
         self.n += k
@@ -40,6 +41,8 @@ class Progress:
             )
         else:
             line = f"{self.desc} {self.n} {rate:.1f}/s {elapsed:.1f}s"
+        if self.note:
+            line += " | " + self.note
         if self.tty:
             self.stream.write("\r" + line + ("\n" if final else ""))
         else:

@@ -1,23 +1,25 @@
 """The offline dataset builder: metadata + images -> validated, deduplicated,
 indexed webdataset shards (format in engine.data.dataset).
 
-Stages, each resumable:
+Stages, each a list of tasks that an engine runs (engine.data.engines: a local
+process pool, or Ray Data on a cluster), each resumable, none holding all rows:
 
-1. scan (parallel over processes, in chunks of rows): read each file, hash it
-   (sha256 of the source bytes), validate it with torchvision and DALI
-   (engine.data.jpeg), re-encode what can be repaired. Results per chunk go to
-   <out>/.build/scan/, so an interrupted scan resumes at the first missing chunk.
-2. plan (in the main process): drop images whose hash is in the evaluation set,
-   then exact duplicates (the first row in metadata order is kept), build the
-   top-K vocabulary, drop images left with no hashtag, order the rest by a
-   seeded permutation and cut it into shards.
-3. write (parallel over processes): one tar + DALI index per shard, written to
-   temporary names and renamed; a per-shard record written last marks the shard
-   finished. A rerun skips every finished shard whose plan is unchanged.
-4. finalize: the global index, vocab.json, dataset.json, report.json.
+0. read (driver): the metadata (engine.data.metadata) streamed into parts of
+   `chunk_size` rows, .build/rows/part-N.parquet.
+1. scan, one task per part (engine.data.scan): hash, validate, repair.
+2. plan (engine.data.plan): evaluation-set removal and exact dedup by sha256 as a
+   bucketed map/reduce, hashtag counts and the top-K vocabulary as a bucketed
+   aggregation, final rows per part, a seeded order (a Feistel permutation of the
+   final rows, evaluated per part) and the routing of rows to shards.
+3. write, one task per shard (engine.data.write), skipped when already finished
+   under the same plan.
+4. finalize (driver, streaming): the global index through memory maps, keys.txt,
+   rejected.jsonl and report.json merged from their parts, vocab.json,
+   dataset.json last.
 
-Same inputs and seed give byte-identical shards, whether the build ran in one
-go or was killed and resumed.
+Same inputs and seed give byte-identical shards, index, vocabulary, report and
+rejected list, on either engine, whether the build ran in one go or was killed
+and resumed. report.json holds no timings; build() returns them with the report.
 """
 
 from __future__ import annotations
@@ -37,12 +39,18 @@ import numpy as np
 
 from engine.data import jpeg as jpeg_mod
 from engine.data import metadata as meta_mod
+from engine.data import plan as plan_mod
+from engine.data import scan as scan_mod
 from engine.data import vocab as vocab_mod
+from engine.data import write as write_mod
 from engine.data._progress import Progress
-from engine.data.dataset import FORMAT, shard_name, write_shard
+from engine.data.dataset import FORMAT, shard_name
+from engine.data.engines import ENGINES, make_engine, peak_rss_bytes
+from engine.data.write import BuildError
 
-SCAN_VERSION = 1
-REPORT_MAX_KEYS = 10000
+ROWS_VERSION = 1
+# Settings that change where or how visibly a build runs, never what it writes.
+RUN_SETTINGS = ("progress", "workers", "start_method", "overwrite", "out", "engine", "address", "plan_buckets")
 
 
 @dataclass
@@ -57,9 +65,12 @@ class BuildConfig:
     eval_set: Optional[str] = None  # a directory of images, or a file of sha256 digests (sha256sum format)
     shard_size: int = 5000  # samples per shard
     seed: int = 0  # sample order across shards
-    workers: int = 0  # processes; 0: one per CPU core; 1: no subprocesses
+    workers: int = 0  # processes (local) or CPUs of the local Ray cluster; 0: one per CPU core; 1: no subprocesses
     # Worker processes: auto (spawn, or fork for a script with no __main__ guard), spawn, fork.
     start_method: str = "auto"
+    engine: str = "local"  # local: a process pool; ray: Ray Data (engine.data.engines)
+    address: Optional[str] = None  # ray: the cluster to join; None starts a local one
+    plan_buckets: int = 0  # hash buckets of the dedup and vocabulary aggregations; 0: one per 250k rows
     min_count: int = 1  # a hashtag needs this many images to enter the vocabulary
     max_tags_per_image: int = 32  # keep an image's first N vocabulary hashtags
     weighting: str = "sum"  # resampling weight of a multi-tag image: sum | mean | max (engine.data.vocab)
@@ -71,7 +82,7 @@ class BuildConfig:
     min_side: int = 8  # smaller images are skipped (too_small)
     reencode_progressive: bool = True  # progressive JPEGs are re-encoded (the HW decoder takes baseline only)
     quality: int = 90  # JPEG quality of re-encoded images
-    chunk_size: int = 256  # rows per scan task
+    chunk_size: int = 2048  # rows per metadata part: one scan task, one unit of every plan stage
     overwrite: bool = False  # allow replacing a build made with a different configuration
     progress: bool = True
     path_field: str = "path"
@@ -94,23 +105,6 @@ class BuildConfig:
         )
 
 
-class BuildError(RuntimeError):
-    pass
-
-
-# ---------------------------------------------------------------- metadata
-
-
-Row = meta_mod.Row
-
-
-def read_metadata(cfg: BuildConfig, synonyms: dict[str, str], skipped: Optional[dict] = None) -> list[Row]:
-    """Every row of the metadata (formats: engine.data.metadata)."""
-    rows = list(meta_mod.iter_rows(cfg.metadata, cfg.images, cfg.format, cfg.fields(), synonyms, skipped))
-    if not rows:
-        raise ValueError(f"metadata {cfg.metadata!r} has no rows")
-    return rows
-
 
 def _inputs_fingerprint(cfg: BuildConfig) -> str:
     """sha256 of the metadata files; a tar (webdataset input) by size and mtime, since
@@ -124,7 +118,6 @@ def _inputs_fingerprint(cfg: BuildConfig) -> str:
         else:
             parts.append([os.path.abspath(path), _file_sha256(path)])
     return _fingerprint(parts)
-
 
 def load_eval_hashes(path: Optional[str]) -> set[str]:
     """sha256 digests of an evaluation set: every file under a directory, or a text
@@ -151,198 +144,6 @@ def load_eval_hashes(path: Optional[str]) -> set[str]:
                 raise ValueError(f"evaluation hashes {path}:{lineno}: expected a sha256 hex digest, got {token[:80]!r}")
             out.add(token)
     return out
-
-
-# ---------------------------------------------------------------- stage 1: scan
-
-_DALI_CHECKERS: dict = {}  # one DALI pipeline per process and device, reused across chunks
-
-
-def _dali_checker(device: str):
-    if device not in _DALI_CHECKERS:
-        _DALI_CHECKERS[device] = jpeg_mod.DaliChecker(device=device)
-    return _DALI_CHECKERS[device]
-
-
-def _read_file(path: str, max_bytes: int):
-    """(bytes, None) or (None, reason)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None, "missing"
-    except OSError:
-        return None, "unreadable"
-    if os.path.isfile(path) and st.st_size > max_bytes:
-        return None, "file_too_large"
-    try:
-        with open(path, "rb") as f:
-            return f.read(), None
-    except OSError:
-        return None, "unreadable"
-
-
-def _scan_chunk(task: dict) -> dict:
-    """Scans rows; writes <scan_dir>/chunk-N.json (+ .bin with re-encoded images)."""
-    import torch
-
-    torch.set_num_threads(1)
-    limits = jpeg_mod.Limits(**task["limits"])
-    records = []
-    blobs: list[bytes] = []
-    pending = []  # (record index, bytes, was_original) to check with DALI
-    blob_at = 0
-    for path, offset, size in task["paths"]:
-        if offset < 0:
-            data, reason = _read_file(path, limits.max_bytes)
-        else:
-            data, reason = meta_mod.read_member(path, offset, size, limits.max_bytes)
-        rec = {"action": "skipped", "reason": reason or "", "detail": "", "sha256": "", "h": 0, "w": 0}
-        if data is not None:
-            rec["sha256"] = hashlib.sha256(data).hexdigest()
-            checked = jpeg_mod.check_image(data, limits)
-            rec.update(action=checked.action, reason=checked.reason, detail=checked.detail,
-                       h=checked.height, w=checked.width)
-            if checked.action != "skipped":
-                pending.append((len(records), checked.data, checked.action == "ok"))
-        records.append(rec)
-    if task["dali"] and pending:
-        checker = _dali_checker(task["dali_device"])
-        shapes = checker.shapes([b for _, b, _ in pending])
-        for pi, shape in enumerate(shapes):
-            ri, data, original = pending[pi]
-            rec = records[ri]
-            if shape == (rec["h"], rec["w"]):
-                continue
-            fixed = None
-            if original:  # torchvision reads it, DALI does not: try a baseline re-encode
-                try:
-                    image = jpeg_mod.decode_rgb(data)
-                    candidate = jpeg_mod.encode_baseline_jpeg(image, limits.quality)
-                    if checker.shapes([candidate])[0] == (rec["h"], rec["w"]):
-                        fixed = candidate
-                except Exception:
-                    fixed = None
-            if fixed is None:
-                rec.update(action="skipped", reason="dali_undecodable", detail=f"DALI decode gave {shape}")
-            else:
-                rec.update(action="reencoded", reason="dali_rejected")
-                pending[pi] = (ri, fixed, False)
-    for ri, data, original in pending:
-        rec = records[ri]
-        if rec["action"] == "reencoded":
-            rec["blob"] = [blob_at, len(data)]
-            blobs.append(data)
-            blob_at += len(data)
-            rec["out_sha256"] = hashlib.sha256(data).hexdigest()
-    base = os.path.join(task["scan_dir"], "chunk-%06d" % task["chunk"])
-    with open(base + ".bin.tmp", "wb") as f:
-        for b in blobs:
-            f.write(b)
-    with open(base + ".json.tmp", "w", encoding="utf-8") as f:
-        json.dump({"version": SCAN_VERSION, "start": task["start"], "records": records}, f)
-    os.replace(base + ".bin.tmp", base + ".bin")
-    os.replace(base + ".json.tmp", base + ".json")  # written last: marks the chunk done
-    return {"chunk": task["chunk"], "n": len(records)}
-
-
-# ---------------------------------------------------------------- stage 3: write
-
-
-def _write_shard_task(task: dict) -> dict:
-    items = []
-    for src in task["samples"]:
-        if src["blob"] is not None:
-            with open(src["bin"], "rb") as f:
-                f.seek(src["blob"][0])
-                data = f.read(src["blob"][1])
-            want = src["out_sha256"]
-        else:
-            with open(src["file"], "rb") as f:
-                if src["offset"] >= 0:
-                    f.seek(src["offset"])
-                    data = f.read(src["size"])
-                else:
-                    data = f.read()
-            want = src["sha256"]
-        if hashlib.sha256(data).hexdigest() != want:
-            raise BuildError(
-                f"{src['file']} changed since the build scanned it; rerun the build with overwrite=True (--overwrite)"
-            )
-        items.append((data, np.asarray(src["tags"], dtype=np.int32)))
-    tar_path = os.path.join(task["shard_dir"], shard_name(task["shard"]) + ".tar")
-    idx_path = os.path.join(task["shard_dir"], shard_name(task["shard"]) + ".idx")
-    offsets, sizes = write_shard(tar_path, idx_path, task["first_id"], items)
-    done = os.path.join(task["done_dir"], shard_name(task["shard"]) + ".npz")
-    with open(done + ".tmp", "wb") as f:
-        np.savez(f, offsets=offsets, sizes=sizes, plan=np.frombuffer(task["plan"].encode(), dtype=np.uint8))
-    os.replace(done + ".tmp", done)  # written last: marks the shard finished
-    delay = float(os.environ.get("ENGINE_DATA_TEST_SHARD_DELAY", "0") or 0)  # tests: widen the kill window
-    if delay:
-        time.sleep(delay)
-    return {"shard": task["shard"]}
-
-
-# ---------------------------------------------------------------- driver
-
-
-def _pool_map(fn, tasks: list, workers: int, progress: Progress, weight=lambda r: 1, start_method: str = "auto"):
-    """Runs fn over tasks, in subprocesses when workers > 1; yields results as they come."""
-    if workers <= 1 or len(tasks) <= 1:
-        for t in tasks:
-            r = fn(t)
-            progress.update(weight(t))
-            yield r
-        return
-    import multiprocessing as mp
-
-    ctx = mp.get_context(_start_method(start_method))
-    with ctx.Pool(min(workers, len(tasks)), initializer=_worker_init) as pool:
-        for r in pool.imap_unordered(_Call(fn), tasks):
-            progress.update(weight(r["_task"]))
-            yield r["result"]
-
-
-def _start_method(method: str) -> str:
-    """spawn, unless the caller is a script that spawn would re-run: a spawned worker
-    imports the main script, and an unguarded build() call there would start the
-    build again in every worker. Such a caller gets fork (it has run no DALI
-    pipeline, the one thing a forked worker must not inherit; see _worker_init)."""
-    if method != "auto":
-        return method
-    import __main__
-
-    path = getattr(__main__, "__file__", None)
-    if path is None or getattr(__main__, "__spec__", None) is not None:  # interactive, or python -m
-        return "spawn"
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            guarded = "__main__" in f.read()
-    except OSError:
-        guarded = True
-    if guarded:
-        return "spawn"
-    print(f"engine data build: {path} calls build() outside an `if __name__ == '__main__':` guard; "
-          "forking the worker processes instead of spawning them", file=sys.stderr)
-    return "fork"
-
-
-_INHERITED: list = []  # DALI pipelines a forked worker inherited: never used, never destroyed
-
-
-def _worker_init():
-    global _DALI_CHECKERS
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if _DALI_CHECKERS:  # forked from a process that ran DALI: its threads are not here
-        _INHERITED.append(_DALI_CHECKERS)
-        _DALI_CHECKERS = {}
-
-
-class _Call:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, task):
-        return {"_task": task, "result": self.fn(task)}
 
 
 def _fingerprint(obj) -> str:
@@ -388,45 +189,121 @@ def _check_config(cfg: BuildConfig) -> None:
     if cfg.dali_device not in ("cpu", "mixed"):
         raise ValueError(f"dali_device {cfg.dali_device!r}: expected 'cpu' or 'mixed'")
     vocab_mod.parse_vocab_size(cfg.vocab_size)
+    if cfg.engine not in ENGINES:
+        raise ValueError(f"engine {cfg.engine!r}: expected one of {', '.join(ENGINES)}")
     meta_mod.detect_format(cfg.metadata, cfg.format)
     if cfg.yfcc_tags not in meta_mod.YFCC_TAGS:
         raise ValueError(f"yfcc_tags {cfg.yfcc_tags!r}: expected one of {', '.join(meta_mod.YFCC_TAGS)}")
 
 
-def _capped(keys: list, limit: int = REPORT_MAX_KEYS) -> dict:
-    return {"count": len(keys), "keys": keys[:limit], "truncated": len(keys) > limit}
+
+def _capped_entry(entry: Optional[dict]) -> dict:
+    entry = entry or {"count": 0, "keys": [], "truncated": False}
+    return {"count": entry["count"], "keys": entry["keys"], "truncated": entry["truncated"]}
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def _fresh_dir(path: str, fingerprint: str) -> None:
+    """Empties `path` unless it was made under the same fingerprint; records it."""
+    fp_path = path + ".fingerprint"
+    old = open(fp_path).read().strip() if os.path.isfile(fp_path) else None
+    if old != fingerprint:
+        shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, exist_ok=True)
+    with open(fp_path + ".tmp", "w") as f:
+        f.write(fingerprint)
+    os.replace(fp_path + ".tmp", fp_path)
+
+
+def _write_rows(cfg: BuildConfig, synonyms: dict, rows_dir: str) -> dict:
+    """Stage 0: the metadata in parts, one part in memory at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    done = os.path.join(rows_dir, "done.json")
+    if os.path.isfile(done):
+        with open(done, encoding="utf-8") as f:
+            return json.load(f)
+    schema = pa.schema([("key", pa.string()), ("path", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
+                        ("tags", pa.list_(pa.string()))])
+    not_images: dict[str, int] = {}
+    parts, total, buf = 0, 0, []
+
+    def flush():
+        nonlocal parts, buf
+        cols = list(zip(*[(r.key, r.path, r.offset, r.size, r.tags) for r in buf]))
+        table = pa.table([pa.array(c, t) for c, t in zip(cols, schema.types)], schema=schema)
+        path = os.path.join(rows_dir, "part-%06d.parquet" % parts)
+        pq.write_table(table, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        parts += 1
+        buf = []
+
+    for row in meta_mod.iter_rows(cfg.metadata, cfg.images, cfg.format, cfg.fields(), synonyms, not_images):
+        buf.append(row)
+        total += 1
+        if len(buf) == cfg.chunk_size:
+            flush()
+    if buf:
+        flush()
+    if total == 0:
+        raise ValueError(f"metadata {cfg.metadata!r} has no rows")
+    info = {"parts": parts, "rows": total, "not_images": dict(sorted(not_images.items()))}
+    _write_text(done, json.dumps(info))
+    return info
+
+
+def _todo(tasks: list, out_key: str = "out") -> list:
+    return [t for t in tasks if not os.path.isfile(t[out_key])]
+
+
+def _run_stage(engine, fn, tasks: list, desc: str, enabled: bool, total: int, initial: int = 0,
+               weight=lambda r: 1, note=None) -> list:
+    results = []
+    with Progress(total, desc, enabled=enabled, initial=initial) as bar:
+        for r in engine.map(fn, tasks):
+            results.append(r)
+            if note is not None:
+                bar.note = note(r)
+            bar.update(weight(r))
+    return results
 
 
 def build(config: Union[BuildConfig, dict]) -> dict:
     """Builds (or resumes building) a dataset; returns the report (also written to
-    <out>/report.json). Raises on bad inputs, naming them."""
+    <out>/report.json) with this run's timings, shard reuse and peak memory. Raises
+    on bad inputs, naming them."""
     cfg = config if isinstance(config, BuildConfig) else BuildConfig(**config)
     t0 = time.monotonic()
     _check_config(cfg)
     k = vocab_mod.parse_vocab_size(cfg.vocab_size)
     use_dali, validator_note = _validators(cfg)
     synonyms = vocab_mod.load_synonyms(cfg.synonyms)
-    not_images: dict[str, int] = {}  # rows left out on purpose (YFCC100M videos)
-    rows = read_metadata(cfg, synonyms, not_images)
     eval_hashes = load_eval_hashes(cfg.eval_set)
-    workers = cfg.workers if cfg.workers > 0 else (os.cpu_count() or 1)
     out = os.path.abspath(cfg.out)
     build_dir = os.path.join(out, ".build")
-    scan_dir = os.path.join(build_dir, "scan")
+    rows_dir, scan_dir, plan_dir = (os.path.join(build_dir, d) for d in ("rows", "scan", "plan"))
     done_dir = os.path.join(build_dir, "shards")
     shard_dir = os.path.join(out, "shards")
+    images = os.path.abspath(cfg.images)
 
     # Which configuration produced what is already here.
-    metadata_sha = _inputs_fingerprint(cfg)
-    ignored = ("progress", "workers", "start_method", "overwrite", "out")
-    settings = {name: v for name, v in dataclasses.asdict(cfg).items() if name not in ignored}
-    config_fp = _fingerprint({"settings": settings, "metadata": metadata_sha, "images": os.path.abspath(cfg.images),
-                              "eval_hashes": sorted(eval_hashes), "synonyms": synonyms})
-    scan_fp = _fingerprint({
-        "version": SCAN_VERSION, "images": os.path.abspath(cfg.images), "metadata": metadata_sha,
-        "limits": dataclasses.asdict(cfg.limits()), "dali": use_dali, "dali_device": cfg.dali_device,
-        "chunk": cfg.chunk_size, "fields": dataclasses.asdict(cfg.fields()), "format": cfg.format,
-    })
+    inputs_fp = _inputs_fingerprint(cfg)
+    settings = {name: v for name, v in dataclasses.asdict(cfg).items() if name not in RUN_SETTINGS}
+    eval_fp = _fingerprint(sorted(eval_hashes))
+    config_fp = _fingerprint({"settings": settings, "metadata": inputs_fp, "images": images, "eval_hashes": eval_fp,
+                              "synonyms": synonyms})
+    rows_fp = _fingerprint({"version": ROWS_VERSION, "metadata": inputs_fp, "format": cfg.format,
+                            "fields": dataclasses.asdict(cfg.fields()), "chunk": cfg.chunk_size, "synonyms": synonyms})
+    scan_fp = _fingerprint({"version": scan_mod.SCAN_VERSION, "rows": rows_fp, "images": images,
+                            "limits": dataclasses.asdict(cfg.limits()), "dali": use_dali,
+                            "dali_device": cfg.dali_device})
+    plan_fp = _fingerprint({"config": config_fp, "scan": scan_fp})
     meta_path = os.path.join(out, "dataset.json")
     if os.path.isfile(meta_path) and not cfg.overwrite:
         with open(meta_path, encoding="utf-8") as f:
@@ -436,207 +313,169 @@ def build(config: Union[BuildConfig, dict]) -> dict:
                 f"{out} holds a dataset built from other inputs or settings; "
                 "pass overwrite=True (--overwrite) to replace it"
             )
-    fp_path = os.path.join(build_dir, "scan.fingerprint")
-    old_scan = open(fp_path).read().strip() if os.path.isfile(fp_path) else None
-    if old_scan != scan_fp:
-        shutil.rmtree(scan_dir, ignore_errors=True)
     if os.path.isfile(meta_path):
         os.remove(meta_path)  # the directory is not a complete dataset until the end of this build
-    os.makedirs(scan_dir, exist_ok=True)
+    os.makedirs(build_dir, exist_ok=True)
+    _fresh_dir(rows_dir, rows_fp)
+    t_read = time.monotonic()
+    info = _write_rows(cfg, synonyms, rows_dir)
+    t_read = time.monotonic() - t_read
+    num_parts, num_rows = info["parts"], info["rows"]
+    buckets = cfg.plan_buckets if cfg.plan_buckets > 0 else max(1, -(-num_rows // 250_000))
+    _fresh_dir(scan_dir, scan_fp)
+    _fresh_dir(plan_dir, _fingerprint({"plan": plan_fp, "buckets": buckets, "parts": num_parts}))
     os.makedirs(done_dir, exist_ok=True)
     os.makedirs(shard_dir, exist_ok=True)
-    with open(fp_path + ".tmp", "w") as f:
-        f.write(scan_fp)
-    os.replace(fp_path + ".tmp", fp_path)
+    eval_path = os.path.join(plan_dir, "eval.npy")
+    digests = np.frombuffer(b"".join(bytes.fromhex(h) for h in sorted(eval_hashes)), np.uint8).reshape(-1, 32)
+    with open(eval_path + ".tmp", "wb") as f:
+        np.save(f, digests)
+    os.replace(eval_path + ".tmp", eval_path)
 
-    # ---- stage 1: scan
-    t_scan = time.monotonic()
-    limits = dataclasses.asdict(cfg.limits())
-    tasks = []
-    for c, start in enumerate(range(0, len(rows), cfg.chunk_size)):
-        if os.path.isfile(os.path.join(scan_dir, "chunk-%06d.json" % c)):
-            continue
-        chunk = rows[start : start + cfg.chunk_size]
-        tasks.append({
-            "chunk": c, "start": start, "paths": [(os.path.join(cfg.images, r.path), r.offset, r.size) for r in chunk],
-            "limits": limits, "dali": use_dali, "dali_device": cfg.dali_device, "scan_dir": scan_dir,
-        })
-    scanned_before = len(rows) - sum(len(t["paths"]) for t in tasks)
-    with Progress(len(rows), "scan ", enabled=cfg.progress, initial=scanned_before) as bar:
-        for _ in _pool_map(_scan_chunk, tasks, workers, bar, lambda t: len(t["paths"]), cfg.start_method):
-            pass
-    records: list[dict] = []
-    for c, start in enumerate(range(0, len(rows), cfg.chunk_size)):
-        with open(os.path.join(scan_dir, "chunk-%06d.json" % c), encoding="utf-8") as f:
-            part = json.load(f)
-        for rec in part["records"]:
-            rec["chunk"] = c
-        records.extend(part["records"])
-    t_scan = time.monotonic() - t_scan
+    def part(d: str, kind: str, p: int, ext: str = "arrow") -> str:
+        return os.path.join(d, "%s-%06d.%s" % (kind, p, ext))
 
-    # ---- stage 2: plan
-    rejected: list[dict] = []  # everything not written as is, for rejected.jsonl
-    keep = []
-    dup_pairs, in_eval = [], []
-    first_by_hash: dict[str, int] = {}
-    for i, (row, rec) in enumerate(zip(rows, records)):
-        if rec["action"] == "skipped":
-            rejected.append({"key": row.key, "path": row.path, "action": "skipped", "reason": rec["reason"],
-                             "detail": rec.get("detail", "")})
-            continue
-        if rec["sha256"] in eval_hashes:
-            in_eval.append(row.key)
-            rejected.append({"key": row.key, "path": row.path, "action": "dropped", "reason": "in_eval_set"})
-            continue
-        j = first_by_hash.setdefault(rec["sha256"], i)
-        if j != i:
-            dup_pairs.append([row.key, rows[j].key])
-            rejected.append({"key": row.key, "path": row.path, "action": "dropped", "reason": "duplicate",
-                             "duplicate_of": rows[j].key})
-            continue
-        if rec["action"] == "reencoded":
-            rejected.append({"key": row.key, "path": row.path, "action": "reencoded", "reason": rec["reason"]})
-        keep.append(i)
-    hashtags, counts = vocab_mod.build_vocab((rows[i].tags for i in keep), k, cfg.min_count)
-    tag_id = {t: n for n, t in enumerate(hashtags)}
-    final, final_tags, no_tag = [], [], []
-    for i in keep:
-        ids = [tag_id[t] for t in rows[i].tags if t in tag_id][: cfg.max_tags_per_image]
-        if not ids:
-            no_tag.append(rows[i].key)
-            rejected.append({"key": rows[i].key, "path": rows[i].path, "action": "dropped", "reason": "no_hashtag"})
-            continue
-        final.append(i)
-        final_tags.append(np.asarray(ids, dtype=np.int32))
-    if not final:
-        raise BuildError(f"no image survived validation, deduplication and the vocabulary (metadata {cfg.metadata})")
-    # Counts of the final dataset (a kept hashtag's images all stay, so they equal the vocabulary counts
-    # unless max_tags_per_image cut some); weights use these.
-    final_counts = np.bincount(np.concatenate(final_tags), minlength=len(hashtags)).astype(np.int64)
-    order = np.random.default_rng(cfg.seed).permutation(len(final))
-    final = [final[j] for j in order]
-    final_tags = [final_tags[j] for j in order]
-    weights = vocab_mod.image_weights(final_tags, np.maximum(final_counts, 1), cfg.weighting)
-    n = len(final)
-    num_shards = (n + cfg.shard_size - 1) // cfg.shard_size
-    plan_fp = _fingerprint({
-        "scan": scan_fp, "rows": final, "sha": [records[i]["sha256"] for i in final],
-        "tags": [t.tolist() for t in final_tags], "shard_size": cfg.shard_size,
-    })
+    rows_of = [part(rows_dir, "part", p, "parquet") for p in range(num_parts)]
+    scan_of = [part(scan_dir, "part", p, "parquet") for p in range(num_parts)]
+    stages: dict = {}
+    with make_engine(cfg.engine, cfg.workers, cfg.start_method, cfg.address) as engine:
+        # ---- stage 1: scan
+        t = time.monotonic()
+        limits = dataclasses.asdict(cfg.limits())
+        tasks = _todo([{"part": p, "rows": rows_of[p], "out": scan_of[p], "images": images, "limits": limits,
+                        "dali": use_dali, "dali_device": cfg.dali_device, "scan_dir": scan_dir}
+                       for p in range(num_parts)])
+        rejected_so_far: dict[str, int] = {}
 
-    # ---- stage 3: write shards
-    t_write = time.monotonic()
-    tasks, reused = [], 0
-    for s in range(num_shards):
-        done = os.path.join(done_dir, shard_name(s) + ".npz")
-        tar_path = os.path.join(shard_dir, shard_name(s) + ".tar")
-        if os.path.isfile(done) and os.path.isfile(tar_path):
-            with np.load(done) as z:
-                if z["plan"].tobytes().decode() == plan_fp:
-                    reused += 1
-                    continue
-            os.remove(done)
-        lo, hi = s * cfg.shard_size, min(n, (s + 1) * cfg.shard_size)
-        samples = []
-        for i, tags in zip(final[lo:hi], final_tags[lo:hi]):
-            rec = records[i]
-            samples.append({
-                "file": os.path.join(cfg.images, rows[i].path), "offset": rows[i].offset, "size": rows[i].size,
-                "sha256": rec["sha256"], "tags": tags.tolist(),
-                "blob": rec.get("blob"), "out_sha256": rec.get("out_sha256"),
-                "bin": os.path.join(scan_dir, "chunk-%06d.bin" % rec["chunk"]),
-            })
-        tasks.append({"shard": s, "first_id": lo, "samples": samples, "shard_dir": shard_dir,
-                      "done_dir": done_dir, "plan": plan_fp})
-    with Progress(num_shards, "write", enabled=cfg.progress, initial=reused) as bar:
-        for _ in _pool_map(_write_shard_task, tasks, workers, bar, start_method=cfg.start_method):
-            pass
+        def scan_note(r: dict) -> str:
+            for reason, c in r["by_reason"].items():
+                rejected_so_far[reason] = rejected_so_far.get(reason, 0) + c
+            return "rejected " + (", ".join(f"{k} {v}" for k, v in sorted(rejected_so_far.items())) or "0")
+
+        before = num_rows - sum(min(cfg.chunk_size, num_rows - t_["part"] * cfg.chunk_size) for t_ in tasks)
+        _run_stage(engine, scan_mod.scan_part, tasks, "scan ", cfg.progress, num_rows, before,
+                   weight=lambda r: r["rows"], note=scan_note)
+        stages["scan"] = time.monotonic() - t
+
+        # ---- stage 2: plan
+        t = time.monotonic()
+        common = {"part_rows": cfg.chunk_size, "buckets": buckets, "eval": eval_path}
+        spills = [part(plan_dir, "spill", p) for p in range(num_parts)]
+        dedups = [part(plan_dir, "dedup", b) for b in range(buckets)]
+        counts = [part(plan_dir, "counts", p) for p in range(num_parts)]
+        statuses = [part(plan_dir, "status", p) for p in range(num_parts)]
+        assigns = [part(plan_dir, "assign", p) for p in range(num_parts)]
+        routes = [part(plan_dir, "route", p) for p in range(num_parts)]
+        for fn, tasks, desc in (
+            (plan_mod.spill_part, [dict(common, part=p, scan=scan_of[p], rows=rows_of[p], out=spills[p])
+                                   for p in range(num_parts)], "dedup map"),
+            (plan_mod.dedup_bucket, [{"bucket": b, "spills": spills, "out": dedups[b]} for b in range(buckets)],
+             "dedup reduce"),
+            (plan_mod.count_part, [dict(common, part=p, scan=scan_of[p], rows=rows_of[p], dedups=dedups,
+                                        status=statuses[p], out=counts[p]) for p in range(num_parts)], "count"),
+        ):
+            tasks = _todo(tasks)
+            _run_stage(engine, fn, tasks, desc.ljust(5), cfg.progress, len(tasks))
+        vocab_results = _run_stage(
+            engine, plan_mod.vocab_bucket,
+            [{"bucket": b, "counts": counts, "min_count": cfg.min_count, "k": k} for b in range(buckets)],
+            "vocab", cfg.progress, buckets)
+        hashtags, _, distinct = plan_mod.merge_vocab(sorted(vocab_results, key=lambda r: r["bucket"]), k)
+        plan_vocab = os.path.join(plan_dir, "vocab.json")
+        _write_text(plan_vocab, json.dumps({"hashtags": hashtags}, ensure_ascii=False))
+        tasks = _todo([{"part": p, "rows": rows_of[p], "scan": scan_of[p], "status": statuses[p], "vocab": plan_vocab,
+                        "max_tags": cfg.max_tags_per_image, "out": assigns[p]} for p in range(num_parts)])
+        _run_stage(engine, plan_mod.assign_part, tasks, "final", cfg.progress, len(tasks))
+        part_reports = [assigns[p][: -len(".arrow")] + ".report.json" for p in range(num_parts)]
+        merged = write_mod.merge_reports(part_reports)
+        n = merged["final"]
+        if n == 0:
+            raise BuildError(f"no image survived validation, deduplication and the vocabulary (metadata {cfg.metadata})")
+        final_counts = np.zeros(len(hashtags), np.int64)
+        first = np.zeros(num_parts + 1, np.int64)
+        for p in range(num_parts):
+            with open(part_reports[p], encoding="utf-8") as f:
+                first[p + 1] = first[p] + json.load(f)["final"]
+            final_counts += np.load(assigns[p][: -len(".arrow")] + ".counts.npy")
+        counts_path = os.path.join(plan_dir, "final_counts.npy")
+        np.save(counts_path, final_counts)
+        tasks = _todo([{"part": p, "assign": assigns[p], "rows": rows_of[p], "scan": scan_of[p], "n": n,
+                        "first": int(first[p]), "seed": cfg.seed, "out": routes[p]} for p in range(num_parts)])
+        _run_stage(engine, plan_mod.route_part, tasks, "order", cfg.progress, len(tasks))
+        stages["plan"] = time.monotonic() - t
+
+        # ---- stage 3: write shards
+        t = time.monotonic()
+        num_shards = (n + cfg.shard_size - 1) // cfg.shard_size
+        bins = [part(scan_dir, "part", p, "bin") for p in range(num_parts)]
+        tasks, reused = [], 0
+        for s in range(num_shards):
+            done = os.path.join(done_dir, shard_name(s) + ".npz")
+            if os.path.isfile(done) and os.path.isfile(os.path.join(shard_dir, shard_name(s) + ".tar")):
+                with np.load(done) as z:
+                    if z["plan"].tobytes().decode() == plan_fp:
+                        reused += 1
+                        continue
+                os.remove(done)
+            tasks.append({"shard": s, "lo": s * cfg.shard_size, "hi": min(n, (s + 1) * cfg.shard_size),
+                          "routes": routes, "bins": bins, "images": images, "counts": counts_path,
+                          "weighting": cfg.weighting, "shard_dir": shard_dir, "done_dir": done_dir, "plan": plan_fp})
+        _run_stage(engine, write_mod.write_shard_task, tasks, "write", cfg.progress, num_shards, reused)
+        stages["write"] = time.monotonic() - t
+        peak = dict(engine.peak_rss)
     for name in os.listdir(shard_dir):  # shards of an older, larger plan
         m = re.fullmatch(r"shard-(\d+)\.(tar|idx)", name)
         if m and int(m.group(1)) >= num_shards:
             os.remove(os.path.join(shard_dir, name))
-    t_write = time.monotonic() - t_write
 
     # ---- stage 4: finalize
-    offsets = np.zeros(n, dtype=np.int64)
-    sizes = np.zeros(n, dtype=np.int32)
-    for s in range(num_shards):
-        with np.load(os.path.join(done_dir, shard_name(s) + ".npz")) as z:
-            lo = s * cfg.shard_size
-            offsets[lo : lo + len(z["offsets"])] = z["offsets"]
-            sizes[lo : lo + len(z["sizes"])] = z["sizes"]
-    lengths = np.array([len(t) for t in final_tags], dtype=np.int64)
-    arrays = {
-        "shard": (np.arange(n) // cfg.shard_size).astype(np.int32),
-        "offset": offsets,
-        "size": sizes,
-        "height": np.array([records[i]["h"] for i in final], dtype=np.int32),
-        "width": np.array([records[i]["w"] for i in final], dtype=np.int32),
-        "tag_ptr": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        "tags": np.concatenate(final_tags).astype(np.int32),
-        "weight": weights,
-        "weight_cdf": np.cumsum(weights),
-        "sha256": np.frombuffer(b"".join(bytes.fromhex(records[i]["sha256"]) for i in final),
-                                dtype=np.uint8).reshape(n, 32),
-    }
-    index_dir = os.path.join(out, "index")
-    os.makedirs(index_dir, exist_ok=True)
-    for name, arr in arrays.items():
-        path = os.path.join(index_dir, name + ".npy")
-        with open(path + ".tmp", "wb") as f:
-            np.save(f, arr)
-        os.replace(path + ".tmp", path)
-    _write_text(os.path.join(index_dir, "keys.txt"), "\n".join(rows[i].key.replace("\n", " ") for i in final) + "\n")
+    t = time.monotonic()
+    max_tags = write_mod.write_index(out, done_dir, num_shards, n, merged["tags"])
     vocab_mod.write_vocab(os.path.join(out, "vocab.json"), hashtags, final_counts.tolist())
-
-    skipped_keys: dict[str, list] = {}
-    reencoded_keys: dict[str, list] = {}
-    for r in rejected:
-        if r["action"] == "skipped":
-            skipped_keys.setdefault(r["reason"], []).append(r["key"])
-        elif r["action"] == "reencoded":
-            reencoded_keys.setdefault(r["reason"], []).append(r["key"])
-    n_ok = sum(1 for rec in records if rec["action"] == "ok")
+    write_mod.concat_parts([a[: -len(".arrow")] + ".rejected.jsonl" for a in assigns],
+                           os.path.join(out, "rejected.jsonl"))
+    skipped = merged["skipped"]
+    reencoded = merged["reencoded"]
     report = {
-        "format": "engine-build-report/1",
-        "inputs": {"images": os.path.abspath(cfg.images), "metadata": os.path.abspath(cfg.metadata),
+        "format": "engine-build-report/2",
+        "inputs": {"images": images, "metadata": os.path.abspath(cfg.metadata),
                    "synonyms": cfg.synonyms, "eval_set": cfg.eval_set},
-        "config": dataclasses.asdict(cfg),
+        "config": settings,
         "validation": validator_note,
-        "metadata_rows": len(rows),
-        "not_images": dict(sorted(not_images.items())),  # metadata rows left out before the scan (videos)
-        "valid_as_is": n_ok,
-        "reencoded": {r: len(v) for r, v in sorted(reencoded_keys.items())},
-        "skipped": {r: len(v) for r, v in sorted(skipped_keys.items())},
-        "dropped": {"in_eval_set": len(in_eval), "duplicate": len(dup_pairs), "no_hashtag": len(no_tag)},
+        "metadata_rows": num_rows,
+        "not_images": info["not_images"],  # metadata rows left out before the scan (YFCC100M videos)
+        "valid_as_is": merged["valid_as_is"],
+        "reencoded": {r: e["count"] for r, e in sorted(reencoded.items())},
+        "skipped": {r: e["count"] for r, e in sorted(skipped.items())},
+        "dropped": {"in_eval_set": merged["in_eval_set"].get("all", {"count": 0})["count"],
+                    "duplicate": merged["duplicate"].get("all", {"count": 0})["count"],
+                    "no_hashtag": merged["no_hashtag"].get("all", {"count": 0})["count"]},
         "written": n,
         "keys": {
-            "reencoded": {r: _capped(v) for r, v in sorted(reencoded_keys.items())},
-            "skipped": {r: _capped(v) for r, v in sorted(skipped_keys.items())},
-            "in_eval_set": _capped(in_eval),
-            "duplicate": _capped(dup_pairs),  # [key, key of the copy kept]
-            "no_hashtag": _capped(no_tag),
+            "reencoded": {r: _capped_entry(e) for r, e in sorted(reencoded.items())},
+            "skipped": {r: _capped_entry(e) for r, e in sorted(skipped.items())},
+            "in_eval_set": _capped_entry(merged["in_eval_set"].get("all")),
+            "duplicate": _capped_entry(merged["duplicate"].get("all")),  # [key, key of the copy kept]
+            "no_hashtag": _capped_entry(merged["no_hashtag"].get("all")),
         },
-        "vocab": {"requested": k, "size": len(hashtags),
-                  "distinct_hashtags": len({t for i in keep for t in rows[i].tags}),
+        "vocab": {"requested": k, "size": len(hashtags), "distinct_hashtags": distinct,
                   "synonyms": len(synonyms), "weighting": cfg.weighting},
         "eval_set_hashes": len(eval_hashes),
-        "shards": {"count": num_shards, "shard_size": cfg.shard_size, "written": len(tasks), "reused": reused},
-        "seconds": {"scan": round(t_scan, 3), "write": round(t_write, 3), "total": round(time.monotonic() - t0, 3)},
+        "shards": {"count": num_shards, "shard_size": cfg.shard_size},
     }
-    _write_text(os.path.join(out, "rejected.jsonl"),
-                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
     _write_text(os.path.join(out, "report.json"), json.dumps(report, indent=1, ensure_ascii=False))
     meta = {
         "format": FORMAT, "num_samples": n, "num_shards": num_shards, "shard_size": cfg.shard_size,
-        "max_tags": int(lengths.max()), "vocab_size": len(hashtags), "seed": cfg.seed,
+        "max_tags": max_tags, "vocab_size": len(hashtags), "seed": cfg.seed,
         "weighting": cfg.weighting, "validation": validator_note, "plan": plan_fp, "config_fingerprint": config_fp,
     }
-    _write_text(os.path.join(out, "dataset.json"), json.dumps(meta, indent=1))  # last: the build is complete
-    return report
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    _write_text(meta_path, json.dumps(meta, indent=1))  # last: the build is complete
+    stages["finalize"] = time.monotonic() - t
+    peak["driver"] = peak_rss_bytes()
+    run = dict(report)
+    run["shards"] = dict(report["shards"], written=len(tasks), reused=reused)
+    run["seconds"] = {"read": round(t_read, 3), **{k_: round(v, 3) for k_, v in stages.items()},
+                      "total": round(time.monotonic() - t0, 3)}
+    run["engine"] = cfg.engine
+    run["peak_rss_bytes"] = {str(k_): v for k_, v in peak.items()}
+    return run

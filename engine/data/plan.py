@@ -1,0 +1,334 @@
+"""Build stage 2, plan, as tasks over parts and hash buckets: no process ever holds
+all rows. Each task reads files and writes files (Arrow IPC, memory-mapped when
+read), so any engine (engine.data.engines) can run it anywhere.
+
+    rows/part-N.parquet     metadata, `part_rows` rows each (key, path, offset, size, tags)
+    scan/part-N.parquet     scan results, one row per metadata row (engine.data.scan)
+    plan/spill-N.arrow      dedup map side: the part's candidates (valid, not in the
+                            evaluation set) as one record batch per sha256 bucket
+    plan/dedup-B.arrow      dedup reduce: the bucket's dropped copies (row, key kept),
+                            sorted by row; the first row in metadata order is kept
+    plan/status-N.arrow     per row: kept / skipped / in_eval / duplicate (+ key kept)
+    plan/counts-N.arrow     hashtag counts of the part's kept rows, a batch per tag bucket
+    (vocabulary)            per tag bucket: total counts, top K; the driver merges B x K
+    plan/assign-N.arrow     the part's final rows and their hashtag ids; the part's
+                            rejected.jsonl lines, report counts and per-tag counts
+    plan/route-N.arrow      the part's final rows with their position in the seeded
+                            order (a Feistel permutation of [0, n): random access,
+                            O(1) memory), sorted by position; a shard's writer slices
+                            every part's file by position range
+
+Global row id = part * part_rows + row in the part: metadata order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections import Counter
+
+import numpy as np
+
+from engine.data import vocab as vocab_mod
+
+KEPT, SKIPPED, IN_EVAL, DUPLICATE = 0, 1, 2, 3
+REPORT_MAX_KEYS = 10000
+
+
+def _write_ipc(path: str, batches: list, schema) -> None:
+    import pyarrow as pa
+
+    with pa.OSFile(path + ".tmp", "wb") as sink:
+        with pa.ipc.new_file(sink, schema) as writer:
+            for b in batches:
+                writer.write_batch(b)
+    os.replace(path + ".tmp", path)
+
+
+def _open_ipc(path: str):
+    import pyarrow as pa
+
+    return pa.ipc.open_file(pa.memory_map(path, "r"))
+
+
+def _sha_matrix(column) -> np.ndarray:
+    """uint8 [n, 32] view of a binary column of 32-byte digests."""
+    import pyarrow as pa
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    arr = arr.cast(pa.binary(32)) if arr.type != pa.binary(32) else arr
+    n = len(arr)
+    if n == 0:
+        return np.zeros((0, 32), np.uint8)
+    return np.frombuffer(arr.buffers()[1], dtype=np.uint8, count=32 * n, offset=32 * arr.offset).reshape(n, 32)
+
+
+def _sha_bucket(sha: np.ndarray, buckets: int) -> np.ndarray:
+    return (sha[:, :4].copy().view(">u4").ravel().astype(np.int64) % buckets) if len(sha) else np.zeros(0, np.int64)
+
+
+def load_eval_set(path: str) -> np.ndarray:
+    """Sorted uint8 [n, 32] digests from plan/eval.npy (written by the driver)."""
+    return np.load(path) if os.path.isfile(path) else np.zeros((0, 32), np.uint8)
+
+
+def _in_sorted(sha: np.ndarray, table: np.ndarray) -> np.ndarray:
+    if len(table) == 0 or len(sha) == 0:
+        return np.zeros(len(sha), bool)
+    keys = np.ascontiguousarray(table).view("V32").ravel()
+    q = np.ascontiguousarray(sha).view("V32").ravel()
+    at = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
+    return keys[at] == q
+
+
+# ---------------------------------------------------------------- dedup
+
+
+def spill_part(task: dict) -> dict:
+    """Dedup map side: candidates of one part, one record batch per sha256 bucket."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    scan = pq.read_table(task["scan"], columns=["action", "sha256"])
+    keys = pq.read_table(task["rows"], columns=["key"]).column("key").to_numpy(zero_copy_only=False)
+    valid = np.asarray(scan.column("action").to_numpy(zero_copy_only=False) != "skipped")
+    sha = np.zeros((len(valid), 32), np.uint8)
+    if valid.any():
+        sha[valid] = _sha_matrix(pa.chunked_array(scan.column("sha256")).filter(pa.array(valid)))
+    in_eval = valid & _in_sorted(sha, load_eval_set(task["eval"]))
+    cand = np.flatnonzero(valid & ~in_eval)
+    bucket = _sha_bucket(sha[cand], task["buckets"])
+    order = np.argsort(bucket, kind="stable")
+    cand, bucket = cand[order], bucket[order]
+    bounds = np.searchsorted(bucket, np.arange(task["buckets"] + 1))
+    schema = pa.schema([("sha256", pa.binary(32)), ("row", pa.int64()), ("key", pa.string())])
+    batches = []
+    base = task["part"] * task["part_rows"]
+    for b in range(task["buckets"]):
+        idx = cand[bounds[b] : bounds[b + 1]]
+        batches.append(pa.record_batch([
+            pa.array([bytes(s) for s in sha[idx]], pa.binary(32)), pa.array(base + idx, pa.int64()),
+            pa.array(keys[idx].tolist() if len(idx) else [], pa.string())], schema=schema))
+    _write_ipc(task["out"], batches, schema)
+    return {"part": task["part"], "candidates": int(len(cand)), "in_eval": int(in_eval.sum())}
+
+
+def dedup_bucket(task: dict) -> dict:
+    """Dedup reduce: within one sha256 bucket, every copy after the first (metadata
+    order) is dropped; the output names the key of the copy kept."""
+    import pyarrow as pa
+
+    tables = [pa.Table.from_batches([_open_ipc(p).get_batch(task["bucket"])]) for p in task["spills"]]
+    t = pa.concat_tables(tables) if tables else None
+    n = 0 if t is None else t.num_rows
+    schema = pa.schema([("row", pa.int64()), ("kept_key", pa.string())])
+    if n == 0:
+        _write_ipc(task["out"], [pa.record_batch([pa.array([], pa.int64()), pa.array([], pa.string())],
+                                                 schema=schema)], schema)
+        return {"bucket": task["bucket"], "rows": 0, "dropped": 0}
+    sha = _sha_matrix(t.column("sha256"))
+    rows = t.column("row").to_numpy()
+    words = sha.view(">u8")  # [n, 4] big-endian words: lexicographic order of the digests
+    order = np.lexsort((rows, words[:, 3], words[:, 2], words[:, 1], words[:, 0]))
+    w = words[order]
+    first = np.ones(n, bool)
+    first[1:] = (w[1:] != w[:-1]).any(axis=1)
+    group_first = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+    dropped = order[~first]
+    kept_of = order[group_first[~first]]
+    keys = t.column("key").to_numpy(zero_copy_only=False)
+    by_row = np.argsort(rows[dropped], kind="stable")
+    batch = pa.record_batch([pa.array(rows[dropped][by_row], pa.int64()),
+                             pa.array(keys[kept_of][by_row].tolist(), pa.string())], schema=schema)
+    _write_ipc(task["out"], [batch], schema)
+    return {"bucket": task["bucket"], "rows": int(n), "dropped": int(len(dropped))}
+
+
+def _part_status(task: dict, valid: np.ndarray, in_eval: np.ndarray):
+    """(status int8 per row, key kept per duplicate row) of one part."""
+    n = len(valid)
+    status = np.where(valid, KEPT, SKIPPED).astype(np.int8)
+    status[in_eval] = IN_EVAL
+    kept_key = np.empty(n, dtype=object)
+    lo = task["part"] * task["part_rows"]
+    for path in task["dedups"]:
+        t = _open_ipc(path).get_batch(0)
+        rows = t.column(0).to_numpy()
+        a, b = np.searchsorted(rows, [lo, lo + n])
+        if b > a:
+            local = rows[a:b] - lo
+            status[local] = DUPLICATE
+            kept_key[local] = t.column(1).slice(a, b - a).to_pylist()
+    return status, kept_key
+
+
+# ---------------------------------------------------------------- vocabulary
+
+
+def _tag_bucket(tag: str, buckets: int) -> int:
+    return zlib.crc32(tag.encode("utf-8")) % buckets
+
+
+def count_part(task: dict) -> dict:
+    """Statuses of one part's rows, and hashtag counts of its kept rows by tag bucket."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    scan = pq.read_table(task["scan"], columns=["action", "sha256"])
+    valid = np.asarray(scan.column("action").to_numpy(zero_copy_only=False) != "skipped")
+    sha = np.zeros((len(valid), 32), np.uint8)
+    if valid.any():
+        sha[valid] = _sha_matrix(pa.chunked_array(scan.column("sha256")).filter(pa.array(valid)))
+    in_eval = valid & _in_sorted(sha, load_eval_set(task["eval"]))
+    status, kept_key = _part_status(task, valid, in_eval)
+    schema = pa.schema([("status", pa.int8()), ("kept_key", pa.string())])
+    _write_ipc(task["status"], [pa.record_batch([pa.array(status), pa.array(kept_key.tolist(), pa.string())],
+                                                schema=schema)], schema)
+    tags = pq.read_table(task["rows"], columns=["tags"]).column("tags").to_pylist()
+    counts = Counter(t for i in np.flatnonzero(status == KEPT) for t in tags[i])
+    per_bucket: list[list] = [[] for _ in range(task["buckets"])]
+    for tag, c in counts.items():
+        per_bucket[_tag_bucket(tag, task["buckets"])].append((tag, c))
+    cschema = pa.schema([("tag", pa.string()), ("count", pa.int64())])
+    batches = []
+    for items in per_bucket:
+        items.sort()
+        batches.append(pa.record_batch([pa.array([t for t, _ in items], pa.string()),
+                                        pa.array([c for _, c in items], pa.int64())], schema=cschema))
+    _write_ipc(task["out"], batches, cschema)
+    return {"part": task["part"], "kept": int((status == KEPT).sum())}
+
+
+def vocab_bucket(task: dict) -> dict:
+    """Total counts of one tag bucket across parts; its top K (count desc, tag asc)."""
+    total: Counter = Counter()
+    for path in task["counts"]:
+        b = _open_ipc(path).get_batch(task["bucket"])
+        total.update(dict(zip(b.column(0).to_pylist(), b.column(1).to_pylist())))
+    ranked = sorted((kv for kv in total.items() if kv[1] >= task["min_count"]), key=lambda kv: (-kv[1], kv[0]))
+    return {"bucket": task["bucket"], "distinct": len(total), "top": ranked[: task["k"]]}
+
+
+def merge_vocab(results: list[dict], k: int) -> tuple[list[str], list[int], int]:
+    """(hashtags, counts, distinct) from every bucket's top K."""
+    ranked = sorted((kv for r in results for kv in r["top"]), key=lambda kv: (-kv[1], kv[0]))[:k]
+    return [t for t, _ in ranked], [c for _, c in ranked], sum(r["distinct"] for r in results)
+
+
+# ---------------------------------------------------------------- final rows
+
+
+def _capped_add(store: dict, name: str, item) -> None:
+    entry = store.setdefault(name, {"count": 0, "keys": []})
+    entry["count"] += 1
+    if len(entry["keys"]) < REPORT_MAX_KEYS:
+        entry["keys"].append(item)
+
+
+def assign_part(task: dict) -> dict:
+    """The part's final rows (a kept row with at least one vocabulary hashtag) with
+    their hashtag ids; its lines of rejected.jsonl and its report counts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with open(task["vocab"], encoding="utf-8") as f:
+        hashtags = json.load(f)["hashtags"]
+    tag_id = {t: i for i, t in enumerate(hashtags)}
+    rows = pq.read_table(task["rows"], columns=["key", "path", "tags"]).to_pydict()
+    scan = pq.read_table(task["scan"], columns=["action", "reason", "detail"]).to_pydict()
+    st = _open_ipc(task["status"]).get_batch(0)
+    status = st.column(0).to_numpy()
+    kept_key = st.column(1).to_pylist()
+    final, final_tags = [], []
+    report: dict = {"valid_as_is": 0, "skipped": {}, "reencoded": {}, "in_eval_set": {}, "duplicate": {},
+                    "no_hashtag": {}}
+    lines = []
+    for i in range(len(status)):
+        key, path, action = rows["key"][i], rows["path"][i], scan["action"][i]
+        if action == "ok":
+            report["valid_as_is"] += 1
+        s = status[i]
+        if s == SKIPPED:
+            lines.append({"key": key, "path": path, "action": "skipped", "reason": scan["reason"][i],
+                          "detail": scan["detail"][i]})
+            _capped_add(report["skipped"], scan["reason"][i], key)
+            continue
+        if s == IN_EVAL:
+            lines.append({"key": key, "path": path, "action": "dropped", "reason": "in_eval_set"})
+            _capped_add(report["in_eval_set"], "all", key)
+            continue
+        if s == DUPLICATE:
+            lines.append({"key": key, "path": path, "action": "dropped", "reason": "duplicate",
+                          "duplicate_of": kept_key[i]})
+            _capped_add(report["duplicate"], "all", [key, kept_key[i]])
+            continue
+        if action == "reencoded":
+            lines.append({"key": key, "path": path, "action": "reencoded", "reason": scan["reason"][i]})
+            _capped_add(report["reencoded"], scan["reason"][i], key)
+        ids = [tag_id[t] for t in rows["tags"][i] if t in tag_id][: task["max_tags"]]
+        if not ids:
+            lines.append({"key": key, "path": path, "action": "dropped", "reason": "no_hashtag"})
+            _capped_add(report["no_hashtag"], "all", key)
+            continue
+        final.append(i)
+        final_tags.append(ids)
+    counts = np.bincount(np.asarray([t for ids in final_tags for t in ids], np.int64),
+                         minlength=len(hashtags)).astype(np.int64)
+    schema = pa.schema([("row", pa.int32()), ("tags", pa.list_(pa.int32()))])
+    _write_ipc(task["out"], [pa.record_batch([pa.array(final, pa.int32()), pa.array(final_tags, pa.list_(pa.int32()))],
+                                             schema=schema)], schema)
+    base = task["out"][: -len(".arrow")]
+    np.save(base + ".counts.npy", counts)
+    with open(base + ".rejected.jsonl.tmp", "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+    os.replace(base + ".rejected.jsonl.tmp", base + ".rejected.jsonl")
+    report["final"] = len(final)
+    report["tags"] = int(sum(len(t) for t in final_tags))
+    with open(base + ".report.json.tmp", "w", encoding="utf-8") as f:
+        json.dump(report, f, ensure_ascii=False)
+    os.replace(base + ".report.json.tmp", base + ".report.json")
+    return {"part": task["part"], "final": len(final)}
+
+
+def route_part(task: dict) -> dict:
+    """The part's final rows with everything a shard writer needs, keyed by their
+    position in the seeded order and sorted by it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from engine.data.sampling import FeistelPermutation
+
+    a = _open_ipc(task["assign"]).get_batch(0)
+    local = a.column(0).to_numpy()
+    perm = FeistelPermutation(task["n"], [task["seed"], 0x5EED])
+    pos = perm(np.arange(task["first"], task["first"] + len(local), dtype=np.int64)).astype(np.int64)
+    order = np.argsort(pos, kind="stable")
+    take = pa.array(local[order].astype(np.int64))
+    rows = pq.read_table(task["rows"], columns=["key", "path", "offset", "size"]).take(take)
+    scan = pq.read_table(task["scan"], columns=["sha256", "height", "width", "blob_offset", "blob_size",
+                                                "out_sha256"]).take(take)
+    cols = {"pos": pa.array(pos[order], pa.int64()), "part": pa.array(np.full(len(local), task["part"], np.int32))}
+    for t in (rows, scan):
+        for name in t.column_names:
+            cols[name] = t.column(name).combine_chunks()
+    cols["tags"] = a.column(1).take(pa.array(order))
+    table = pa.table(cols)
+    _write_ipc(task["out"], table.to_batches(max_chunksize=max(1, table.num_rows)) or
+               [pa.RecordBatch.from_pylist([], schema=table.schema)], table.schema)
+    return {"part": task["part"], "rows": len(local)}
+
+
+def read_route_range(path: str, lo: int, hi: int):
+    """The rows of one route file with lo <= position < hi (a zero-copy slice)."""
+    f = _open_ipc(path)
+    if f.num_record_batches == 0:
+        return None
+    b = f.get_batch(0)
+    pos = b.column(0).to_numpy()
+    i, j = np.searchsorted(pos, [lo, hi])
+    return b.slice(i, j - i) if j > i else None
+
+
+def image_weights(tag_lists: list, counts: np.ndarray, weighting: str) -> np.ndarray:
+    return vocab_mod.image_weights([np.asarray(t, np.int64) for t in tag_lists], np.maximum(counts, 1), weighting)
