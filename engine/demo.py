@@ -145,28 +145,17 @@ def demo(args: argparse.Namespace) -> dict:
     return result
 
 
-def _rank_entry(rank: int, world: int, rendezvous: str, cfg, out: str) -> None:
-    import torch
-    import torch.distributed as dist
-
+def _rank_job(rank: int, world: int, cfg, out: str) -> None:
     from engine.train import train, write_json
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    try:
-        summary = train(cfg)
-        if rank == 0:
-            write_json(os.path.join(out, "run_summary.json"), summary)
-    finally:
-        dist.destroy_process_group()
+    summary = train(cfg)
+    if rank == 0:
+        write_json(os.path.join(out, "run_summary.json"), summary)
 
 
 def _train_ranks(cfg, world: int, out: str) -> dict:
-    import torch.multiprocessing as mp
+    from engine.distributed import spawn_ranks
 
-    rendezvous = os.path.join(out, ".rendezvous")
-    if os.path.exists(rendezvous):
-        os.remove(rendezvous)
-    mp.start_processes(_rank_entry, args=(world, rendezvous, cfg, out), nprocs=world, start_method="spawn")
+    spawn_ranks(_rank_job, world, out, cfg, out, timeout_s=3600)
     with open(os.path.join(out, "run_summary.json"), encoding="utf-8") as f:
         return json.load(f)

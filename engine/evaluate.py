@@ -36,6 +36,7 @@ from torch import nn
 
 from engine import checkpoint as ckpt_mod
 from engine.config import ConfigError, TransferConfig, validate_transfer
+from engine.distributed import shutdown
 
 
 # --------------------------------------------------------------------------- weights
@@ -182,10 +183,14 @@ def evaluate(cfg: TransferConfig) -> dict:
     validate_transfer(cfg)
     rank, world, owned = _dist_info()
     try:
-        return _evaluate(cfg, rank, world)
-    finally:
+        result = _evaluate(cfg, rank, world)
+    except BaseException:
         if owned:
-            dist.destroy_process_group()
+            shutdown(orderly=False)
+        raise
+    if owned:
+        shutdown()
+    return result
 
 
 def _evaluate(cfg: TransferConfig, rank: int, world: int) -> dict:

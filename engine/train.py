@@ -47,6 +47,7 @@ from torch import nn
 
 from engine import checkpoint as ckpt_mod
 from engine.config import Config, ConfigError, accumulation, to_json, validate
+from engine.distributed import shutdown
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,9 +65,12 @@ def train(config: Config) -> dict:
     """Runs (or resumes) a training run; returns its summary (also RUN_DIR/summary.json)."""
     trainer = Trainer(config)
     try:
-        return trainer.fit()
-    finally:
-        trainer.close()
+        summary = trainer.fit()
+    except BaseException:
+        trainer.close(orderly=False)
+        raise
+    trainer.close()
+    return summary
 
 
 @dataclass
@@ -93,8 +97,7 @@ class Trainer:
         except BaseException:
             if self.loader is not None and hasattr(self.loader, "close"):
                 self.loader.close()
-            if self.dist.owned:
-                dist.destroy_process_group()
+            self.dist.close(orderly=False)
             raise
 
     def _build(self, cfg: Config) -> None:
@@ -266,15 +269,17 @@ class Trainer:
                 "peak_lr": peak_lr(self.cfg), "device": str(self.device), "autocast": str(self.amp_dtype),
                 "vocab_size": self.vocab, "dist_backend": self.dist.backend}
 
-    def close(self) -> None:
+    def close(self, orderly: bool = True) -> None:
+        """orderly: every rank finished the loop (the ranks meet before leaving their groups)."""
         try:
             self.log.close()
         finally:
             close = getattr(self.loader, "close", None)
             if close is not None:
                 close()
-            if self.dist.owned:
-                dist.destroy_process_group()
+            # The head holds its group; a group referred to after destruction keeps its threads.
+            self.head = self.model = self.ddp = self.optimizer = None
+            self.dist.close(orderly)
 
 
 # =========================================================================== set-up helpers
@@ -339,6 +344,16 @@ class DistInfo:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier(group=self.group)
+
+    def close(self, orderly: bool = True) -> None:
+        """Destroys the head's group, and the default group when this module created it."""
+        head_group, self.head_group = self.head_group, None
+        if self.owned:
+            shutdown(head_group, orderly=orderly)
+        elif head_group is not None:
+            if orderly:
+                dist.barrier(group=head_group)
+            dist.destroy_process_group(head_group)
 
 
 def init_distributed(cfg: Config) -> DistInfo:

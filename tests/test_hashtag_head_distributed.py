@@ -3,13 +3,12 @@ process: the vocabulary-parallel loss and gradients, uneven batches and vocabula
 checkpoint resharding, sampled mode, and bad input raising on every rank without a hang."""
 
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from engine.distributed import spawn_ranks
 from engine.heads import HashtagHead
 from engine.ops import hashtag_ce
 from engine.ops.hashtag_ce import vocab_slices
@@ -40,25 +39,8 @@ def global_case(rows, seed=0):
 
 
 def run_ranks(job, world, tmp_path, *args):
-    """job(rank, world, out_dir, *args) on `world` gloo ranks; fails the test if any rank raises or hangs."""
-    ctx = mp.start_processes(_entry, args=(world, str(tmp_path / "rendezvous"), job, str(tmp_path), *args),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"{job.__name__} on {world} ranks did not finish in {TIMEOUT_S} s: a rank hung")
-
-
-def _entry(rank, world, rendezvous, job, out_dir, *args):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    try:
-        job(rank, world, out_dir, *args)
-    finally:
-        dist.destroy_process_group()
+    """job(rank, world, out_dir, *args) on `world` gloo ranks; raises if any rank raises or hangs."""
+    spawn_ranks(job, world, str(tmp_path), str(tmp_path), *args, timeout_s=TIMEOUT_S)
 
 
 def _rows(world):

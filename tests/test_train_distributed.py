@@ -8,15 +8,14 @@ and without gradient accumulation."""
 import copy
 import json
 import os
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from engine.config import TransferConfig, apply_overrides, get_preset
+from engine.distributed import spawn_ranks
 
 TIMEOUT_S = 300
 WORLD = 2
@@ -35,26 +34,8 @@ def dataset(tmp_path_factory):
 
 
 def run_ranks(job, tmp_path, *args, world=WORLD):
-    """job(rank, world, *args) on `world` gloo ranks; fails the test if a rank raises or hangs."""
-    rendezvous = str(tmp_path / f"rendezvous-{job.__name__}-{time.monotonic_ns()}")
-    ctx = mp.start_processes(_entry, args=(world, rendezvous, job, *args), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"{job.__name__} on {world} ranks did not finish in {TIMEOUT_S} s")
-
-
-def _entry(rank, world, rendezvous, job, *args):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    try:
-        job(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
+    """job(rank, world, *args) on `world` gloo ranks; raises if a rank raises or hangs."""
+    spawn_ranks(job, world, str(tmp_path), *args, timeout_s=TIMEOUT_S)
 
 
 def _train_job(rank, world, runs):
