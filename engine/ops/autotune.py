@@ -2,11 +2,14 @@
 
 The first call with a new key times every candidate and records the fastest in a JSON
 file ($ENGINE_CACHE_DIR/autotune.json, default ~/.cache/engine/autotune.json); later
-calls, in this process or the next, read the choice back. The file records the versions
-it was made with (torch, CUDA, cuDNN, triton, engine, the Triton kernel sources and the
-compiled extension): a file from
-other versions, or one that cannot be read, is rebuilt from scratch with a one-line
-message on stderr, never trusted and never fatal. Keys name the GPU, so one file serves
+calls, in this process or the next, read the choice back. Only candidates whose check
+against the reference passed are timed (`verify`, run in a child process by
+engine.ops.verify), and a timed candidate whose result differs from the reference's on
+the timing inputs is not chosen. The same file keeps those verdicts (engine.ops.verify).
+It records the versions it was made with (torch, CUDA, cuDNN, triton, engine, and a
+digest of every kernel source, every module of the ops' Python glue and the compiled
+extension): a file from other versions, or one that cannot be read, is rebuilt from
+scratch with a one-line message on stderr, never trusted and never fatal. Keys name the GPU, so one file serves
 several cards. Processes that tune at once (data-parallel ranks) may each time a key and
 the last to write wins; both choices are correct, and later runs read the same one.
 """
@@ -23,27 +26,35 @@ from typing import Callable, Optional
 
 import torch
 
-FORMAT = 1
-# Kernel sources whose edits invalidate every timing.
-_KERNEL_FILES = ("grouped_conv.py",)
+FORMAT = 2
+# False in a verification child: it reads the parent's choices and verdicts, never writes them.
+WRITABLE = True
 
 Timer = Callable[[Callable[[], object]], float]
+Verify = Callable[[list], dict]
 
 
 def default_path() -> Path:
     return Path(os.environ.get("ENGINE_CACHE_DIR") or Path.home() / ".cache" / "engine") / "autotune.json"
 
 
-def _kernel_digest() -> str:
+def digested_files() -> list[Path]:
+    """What a timing or a verdict depends on: every Triton kernel source, every module of
+    the ops' Python glue (launchers, candidates, autograd), and the compiled extension,
+    which holds the direct CUDA kernels."""
     from engine import kernels
     from engine.ops.backends import load_extension
-    digest = hashlib.sha256()
-    for name in _KERNEL_FILES:
-        digest.update((Path(kernels.__file__).parent / name).read_bytes())
-    # The compiled extension holds the direct CUDA kernels: a rebuild re-times them.
+    files = sorted(Path(kernels.__file__).parent.glob("*.py")) + sorted(Path(__file__).parent.glob("*.py"))
     extension = load_extension()
     if extension is not None:
-        digest.update(Path(extension.__file__).read_bytes())
+        files.append(Path(extension.__file__))
+    return files
+
+
+def _kernel_digest(files: Optional[list[Path]] = None) -> str:
+    digest = hashlib.sha256()
+    for path in digested_files() if files is None else files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -75,7 +86,8 @@ def cuda_timer(fn: Callable[[], object], warmup: int = 2, repeat: int = 5) -> fl
 
 
 class Autotuner:
-    """choose(key, candidates) -> the name of the fastest candidate for key."""
+    """choose(key, candidates) -> the name of the fastest candidate for key; verdicts of
+    engine.ops.verify's checks beside the choices."""
 
     def __init__(self, path: Optional[os.PathLike] = None, timer: Timer = cuda_timer,
                  versions: Optional[dict] = None):
@@ -83,6 +95,7 @@ class Autotuner:
         self.timer = timer
         self._versions = versions
         self._entries: Optional[dict] = None
+        self._verdicts: dict = {}
 
     @property
     def versions(self) -> dict:
@@ -111,10 +124,15 @@ class Autotuner:
         else:
             self._entries = {k: v for k, v in data["entries"].items()
                              if isinstance(v, dict) and isinstance(v.get("choice"), str)}
+            verdicts = data.get("verdicts")
+            self._verdicts = {k: v for k, v in (verdicts if isinstance(verdicts, dict) else {}).items()
+                              if isinstance(v, dict) and isinstance(v.get("status"), str)}
         return self._entries
 
     def _save(self) -> None:
-        payload = {"versions": self.versions, "entries": self._entries}
+        if not WRITABLE:
+            return
+        payload = {"versions": self.versions, "entries": self._entries, "verdicts": self._verdicts}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
@@ -128,24 +146,78 @@ class Autotuner:
         entry = self._load().get(key)
         return entry["choice"] if entry is not None else None
 
-    def choose(self, key: str, candidates: dict[str, Callable[[], object]]) -> str:
+    def verdict(self, key: str) -> Optional[dict]:
+        self._load()
+        return self._verdicts.get(key)
+
+    def verdicts(self) -> dict:
+        self._load()
+        return dict(self._verdicts)
+
+    def record_verdict(self, key: str, verdict: dict) -> None:
+        self._load()
+        self._verdicts[key] = {k: verdict.get(k) for k in ("status", "detail", "max_error", "seconds")}
+        self._save()
+
+    def choose(self, key: str, candidates: dict[str, Callable[[], object]], verify: Optional[Verify] = None) -> str:
+        """The fastest of the candidates that pass `verify` (names -> {name: None or why
+        not}) and whose results match the reference candidate's (when it has one and the
+        candidates return their outputs)."""
         choice = self.lookup(key)
         if choice in candidates:
             return choice
+        rejected: dict[str, str] = {}
+        if verify is not None:
+            rejected = {name: why for name, why in verify(list(candidates)).items() if why is not None}
+        outputs: dict[str, object] = {}
+
+        def keeping(name, fn):
+            def call():
+                outputs[name] = fn()
+                return outputs[name]
+            return call
+
         times: dict[str, Optional[float]] = {}
         for name, fn in candidates.items():
+            if name in rejected:
+                times[name] = None
+                continue
             try:
-                times[name] = float(self.timer(fn))
+                times[name] = float(self.timer(keeping(name, fn)))
             except Exception as e:  # a candidate that fails on this shape is simply not chosen
                 print(f"[engine] autotune {key}: {name} failed ({type(e).__name__}: {e})", file=sys.stderr)
                 times[name] = None
-        timed = {name: t for name, t in times.items() if t is not None and math.isfinite(t)}
+        rejected.update(_wrong_results(outputs, times))
+        for name, why in rejected.items():
+            print(f"[engine] autotune {key}: {name} not chosen: {why}", file=sys.stderr)
+        timed = {name: t for name, t in times.items() if t is not None and math.isfinite(t) and name not in rejected}
         if not timed:
             raise RuntimeError(f"autotune {key}: every candidate failed")
         choice = min(timed, key=timed.get)
-        self._entries[key] = {"choice": choice, "times_ms": times}
+        self._entries[key] = {"choice": choice, "times_ms": times, **({"rejected": rejected} if rejected else {})}
         self._save()
         return choice
+
+
+def _wrong_results(outputs: dict[str, object], times: dict) -> dict[str, str]:
+    """Timed candidates whose last result differs from the reference candidate's."""
+    from engine.ops.verify import compare, lowest_precision, tensors_in
+    want = list(tensors_in(outputs.get("reference")))
+    if not want or times.get("reference") is None:
+        return {}
+    dtype = lowest_precision(t.dtype for t in want)
+    wrong = {}
+    for name, out in outputs.items():
+        got = list(tensors_in(out))
+        if name == "reference" or times.get(name) is None:
+            continue
+        if len(got) != len(want):
+            wrong[name] = f"returned {len(got)} tensors, the reference {len(want)}"
+            continue
+        verdict = compare([(f"result {i}", g, w) for i, (g, w) in enumerate(zip(got, want))], dtype)
+        if verdict["status"] != "pass":
+            wrong[name] = f"its result differs from the reference's: {verdict['detail']}"
+    return wrong
 
 
 _DEFAULT: Optional[Autotuner] = None

@@ -23,6 +23,12 @@ def _computed_once(fn):
     return probe
 
 
+def verify_on_cpu() -> bool:
+    """ENGINE_VERIFY=1: CPU tensors take the device path (fused backends chosen
+    automatically, each verified first; engine.ops.verify), for tests without a GPU."""
+    return os.environ.get("ENGINE_VERIFY") == "1"
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -49,7 +55,7 @@ def triton_accepts(*tensors: torch.Tensor, forced: bool) -> Optional[str]:
     if devices == {"cuda"}:
         return None
     if devices == {"cpu"} and triton_interpreting():
-        if forced:
+        if forced or verify_on_cpu():
             return None
         return "CPU tensors run only in Triton's interpreter, which is for testing: force backend='triton' to use it"
     return f"needs CUDA tensors, got {sorted(devices)}"
@@ -101,5 +107,7 @@ def cuda_ext_accepts(*tensors: torch.Tensor, forced: bool) -> Optional[str]:
             return "engine._C was built without CUDA sources (no CUDA toolkit or CPU-only torch at build time)"
         return None
     if devices == {"cpu"}:
-        return None if forced else "CPU tensors: ATen's native kernels (reference) are faster than the C++ fallback loop"
+        if forced or verify_on_cpu():
+            return None
+        return "CPU tensors: ATen's native kernels (reference) are faster than the C++ fallback loop"
     return f"needs CUDA or CPU tensors on one device, got {sorted(devices)}"

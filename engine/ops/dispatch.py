@@ -6,6 +6,12 @@ supports the inputs, and records why it skipped the others. `backend=` on a call
 or the ENGINE_BACKEND environment variable, forces one; a forced backend that
 cannot take the inputs raises instead of silently running something else, so a
 benchmark or test never measures a backend it did not ask for.
+
+Chosen automatically on a device, a Triton or CUDA backend must also have passed its
+check against the reference for the call's key (engine.ops.verify); one that failed, or
+that is unchecked under torch.compile or CUDA-graph capture, is skipped with the reason.
+A forced backend is the caller's explicit choice and is not gated (`engine selftest`
+checks every backend that way).
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
+
+from engine.ops import verify
 
 BACKENDS = ("reference", "triton", "cuda")
 
@@ -111,12 +119,13 @@ class Op:
             if reason is not None:
                 raise BackendUnavailableError(f"{self.name}: backend {forced!r} was forced but cannot run: {reason}")
             return Decision(forced, True)
+        reasons = {name: self._rejects(self.backends[name], args, kwargs, forced=False)
+                   for name in self.preference if name in self.backends}
+        # Every fused backend that takes the call, checked together (one child process).
+        fused = [name for name, reason in reasons.items() if reason is None and name != "reference"]
+        reasons.update({name: why for name, why in verify.gate(self, fused, args, kwargs).items() if why})
         skipped: dict[str, str] = {}
-        for name in self.preference:
-            b = self.backends.get(name)
-            if b is None:
-                continue
-            reason = self._rejects(b, args, kwargs, forced=False)
+        for name, reason in reasons.items():
             if reason is None:
                 return Decision(name, False, skipped)
             skipped[name] = reason

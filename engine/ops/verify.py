@@ -1,0 +1,495 @@
+"""Verified before trusted: on a device, a Triton or CUDA backend serves a call only after
+a check against the reference for the call's key has passed.
+
+A key is the op, the backend (or an autotuner's variant such as "triton:64"), the device
+model and every argument's shape, dtype, layout and whether it needs a gradient; the
+build is the autotune cache's version record (engine.ops.autotune), which digests every
+kernel source, the ops' Python glue and the compiled extension, so a rebuild or an edit
+re-checks everything. A check builds seeded random inputs of the key's shapes, runs the
+backend and the reference on copies of them, forward and backward (random output
+gradients), and compares every output, every gradient and every tensor the op updates in
+place (running statistics) with a tolerance by dtype. The verdict (pass, mismatch with
+the error, error with the exception, crash with the exit status) is cached in memory and
+on disk beside the timings.
+
+Checks run in a spawned child process: a kernel that faults leaves the CUDA context
+unusable (the error is sticky) or kills the process, and the parent must survive both.
+The parent records a crash when the child dies mid-check, then goes on with the next
+check in a fresh child. Checks run only eagerly; under torch.compile tracing or CUDA-graph
+capture an unchecked key runs the next backend (the reference) with a one-time warning,
+which is why the training loop warms up eagerly first (engine.models.autotune_fused_blocks).
+
+On CUDA tensors the gate is always on. ENGINE_VERIFY=1 turns it on for CPU tensors too
+and lets the fused backends take CPU tensors without being forced (Triton's interpreter,
+the extension's C++ loop): the device path, for testing on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from engine.ops.backends import verify_on_cpu
+
+# Largest error allowed, relative to the reference tensor's largest magnitude, by the
+# lowest-precision floating dtype among the inputs. fp32 allows for TF32 tensor cores.
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+FAILED = ("mismatch", "error", "crash")
+# Seconds one check may take before its child is killed and the check called a crash (a hang).
+TIMEOUT_S = float(os.environ.get("ENGINE_VERIFY_TIMEOUT", "600"))
+
+# "module:function" callables every child runs before its checks: registrations the checks
+# need that importing engine.ops does not make (test doubles).
+CHILD_SETUP: list[str] = []
+# Per op, how a child runs an autotuner's variant of a backend: fn(variant, *args, **kwargs).
+VARIANT_RUNNERS: dict[str, Callable[..., Any]] = {}
+
+_IN_CHILD = False
+_MEMORY: dict[str, dict] = {}
+_WARNED: set[str] = set()
+
+
+def tensors_in(value):
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from tensors_in(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from tensors_in(item)
+
+
+def required(args, kwargs) -> bool:
+    """Whether a call with these arguments must be checked before a fused backend takes it."""
+    if _IN_CHILD:
+        return False
+    if any(t.is_cuda for t in tensors_in((args, kwargs))):
+        return True
+    return verify_on_cpu()
+
+
+def _layout(t: Tensor) -> str:
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return "nhwc"
+    return "dense" if t.is_contiguous() else "strided"
+
+
+def describe(value) -> str:
+    """The key text of one argument. Sizes go through int(): under torch.compile with
+    dynamic shapes that specialises them, so a key never holds a symbol."""
+    if isinstance(value, Tensor):
+        shape = "x".join([f"{int(s)}" for s in value.shape])
+        grad = "+grad" if value.requires_grad and torch.is_grad_enabled() else ""
+        return f"{str(value.dtype)[6:]}[{shape}]{_layout(value)}{grad}"
+    if value is None or isinstance(value, (bool, int, str)):
+        return f"{value}"
+    if isinstance(value, float):
+        # The value of a float (momentum, eps) does not change which code runs; zero may.
+        return "0.0" if value == 0.0 else "float"
+    if isinstance(value, (tuple, list)):
+        return "(" + ",".join([describe(v) for v in value]) + ")"
+    return type(value).__name__
+
+
+def call_key(op_name: str, backend: str, args, kwargs) -> str:
+    device = "cpu"
+    for t in tensors_in((args, kwargs)):
+        if t.is_cuda:
+            device = torch.cuda.get_device_name(t.device)
+            break
+    parts = [describe(a) for a in args] + [f"{k}={describe(v)}" for k, v in sorted(kwargs.items())]
+    return f"{device}|{op_name}|{backend}|" + " ".join(parts)
+
+
+# ------------------------------------------------------------------ verdict store
+
+def _store():
+    from engine.ops.autotune import default_tuner
+    return default_tuner()
+
+
+def lookup(key: str) -> Optional[dict]:
+    verdict = _MEMORY.get(key)
+    if verdict is None:
+        verdict = _store().verdict(key)
+        if verdict is not None:
+            _MEMORY[key] = verdict
+    return verdict
+
+
+def record(key: str, verdict: dict) -> None:
+    _MEMORY[key] = verdict
+    _store().record_verdict(key, verdict)
+
+
+def forget_memory() -> None:
+    """Drops this process's copies, so the next lookup reads the disk (tests)."""
+    _MEMORY.clear()
+    _WARNED.clear()
+
+
+def reason(verdict: dict) -> Optional[str]:
+    """None for a pass, else why the backend may not serve the key."""
+    if verdict["status"] == "pass":
+        return None
+    return f"failed its check against the reference ({verdict['status']}: {verdict['detail']})"
+
+
+# ------------------------------------------------------------------ the gate
+
+def gate(op, names: list[str], args, kwargs) -> dict[str, Optional[str]]:
+    """Per backend name, why it may not serve this call of `op` (None: it may). Unknown
+    keys are checked eagerly, all in one child; under tracing or capture only read."""
+    if not names or not required(args, kwargs):
+        return {name: None for name in names}
+    keys = {name: call_key(op.name, name, args, kwargs) for name in names}
+    if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return {name: _traced_gate(key) for name, key in keys.items()}
+    verdicts = {name: lookup(key) for name, key in keys.items()}
+    todo = [name for name, verdict in verdicts.items() if verdict is None]
+    if todo:
+        for name, verdict in zip(todo, run_jobs([check_job(op.name, name, args, kwargs) for name in todo])):
+            _record_checked(keys[name], verdict)
+            verdicts[name] = verdict
+    return {name: reason(verdict) for name, verdict in verdicts.items()}
+
+
+def _record_checked(key: str, verdict: dict) -> None:
+    record(key, verdict)
+    if verdict["status"] != "pass":
+        print(f"[engine] verify {key}: {verdict['status']}: {verdict['detail']}", file=sys.stderr)
+
+
+def _traced_gate(key: str) -> Optional[str]:
+    # Runs as plain Python while torch.compile traces, and its answer is a constant of the graph.
+    verdict = lookup(key)
+    if verdict is not None:
+        return reason(verdict)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"engine: {key} has not been checked on this device, and checks cannot run inside "
+                      "torch.compile tracing or CUDA-graph capture, so the reference runs there instead; run "
+                      "one eager step first (engine.models.autotune_fused_blocks)", stacklevel=2)
+    return "not verified for this shape yet (checks run in eager warm-up only), so it is not used under " \
+           "torch.compile or CUDA-graph capture"
+
+
+# torch.compile runs _traced_gate as plain Python while tracing and folds its answer into the
+# graph as a constant: torch.compiler.assume_constant_result sets this mark, but importing it
+# imports torch._dynamo (seconds), which `import engine` must not pay.
+_traced_gate._dynamo_marked_constant = True
+
+
+def candidates_checker(op_name: str, args, kwargs) -> Callable[[list[str]], dict[str, Optional[str]]]:
+    """For an autotuner: checks its candidates (variants such as "triton:64", run by
+    VARIANT_RUNNERS[op_name]; "reference" is never checked) on these inputs, all in one
+    child, and returns {name: None if passed else why not}. Verdicts are cached by key."""
+    def run(names: list[str]) -> dict[str, Optional[str]]:
+        out: dict[str, Optional[str]] = {}
+        todo: list[tuple[str, str]] = []
+        for name in names:
+            if name == "reference" or not required(args, kwargs):
+                out[name] = None
+                continue
+            key = call_key(op_name, name, args, kwargs)
+            verdict = lookup(key)
+            if verdict is None:
+                todo.append((name, key))
+            else:
+                out[name] = reason(verdict)
+        verdicts = run_jobs([check_job(op_name, name, args, kwargs) for name, _ in todo]) if todo else []
+        for (name, key), verdict in zip(todo, verdicts):
+            _record_checked(key, verdict)
+            out[name] = reason(verdict)
+        return out
+    return run
+
+
+# ------------------------------------------------------------------ jobs and the child
+
+def _spec(value):
+    """A picklable recipe for a like argument: tensors by shape, dtype, layout and grad."""
+    if isinstance(value, Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, _layout(value),
+                bool(value.requires_grad and torch.is_grad_enabled()), value.device.type)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return ("namedtuple", f"{type(value).__module__}:{type(value).__qualname__}", [_spec(v) for v in value])
+    if isinstance(value, (tuple, list)):
+        return ("seq", type(value).__name__, [_spec(v) for v in value])
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return ("value", value)
+    # Process groups, layouts: a check runs one process's math, without collectives.
+    return ("value", None)
+
+
+def check_job(op_name: str, backend: str, args, kwargs) -> dict:
+    return {"kind": "check", "op": op_name, "backend": backend, "args": [_spec(a) for a in args],
+            "kwargs": {k: _spec(v) for k, v in kwargs.items()}, "grad": torch.is_grad_enabled()}
+
+
+def run_jobs(jobs: list[dict], timeout_s: Optional[float] = None) -> list[dict]:
+    """Runs jobs in order in child processes, one child for as many as it survives: a
+    child that dies or hangs marks its current job a crash, and a fresh child goes on.
+    The child is a fresh interpreter (not a fork: CUDA cannot be forked, and not
+    multiprocessing's spawn, which would re-run the user's main script)."""
+    timeout_s = TIMEOUT_S if timeout_s is None else timeout_s
+    results: list[Optional[dict]] = [None] * len(jobs)
+    pending = list(range(len(jobs)))
+    while pending:
+        read_fd, write_fd = os.pipe()
+        child = subprocess.Popen([sys.executable, "-c", "from engine.ops.verify import child_main; child_main()",
+                                  str(write_fd)], stdin=subprocess.PIPE, pass_fds=(write_fd,))
+        os.close(write_fd)
+        receiver = Connection(read_fd, writable=False)
+        child.stdin.write(pickle.dumps((sys.path, list(CHILD_SETUP), [jobs[i] for i in pending])))
+        child.stdin.close()
+        current: Optional[int] = None
+        started = time.monotonic()
+        while True:
+            if not receiver.poll(timeout_s if current is not None else max(timeout_s, 120.0)):
+                child.kill()
+                child.wait()
+                why = f"timed out after {timeout_s:.0f} s" if current is not None else "child did not start"
+                break
+            try:
+                message = receiver.recv()
+            except EOFError:
+                why = _exit_text(child.wait())
+                break
+            if message[0] == "start":
+                current, started = pending[message[1]], time.monotonic()
+            elif message[0] == "done":
+                results[current] = message[2]
+                current = None
+            elif message[0] == "setup-failed":
+                child.wait()
+                for i in pending:
+                    results[i] = {"status": "error", "detail": f"child setup failed: {message[1]}",
+                                  "max_error": None, "seconds": None}
+                return results  # type: ignore[return-value]
+        receiver.close()
+        pending = [i for i in pending if results[i] is None]
+        if not pending:
+            break
+        if current is None:
+            # Died before its first job or between two: the next one takes the blame, so that
+            # every round settles one job and a child that cannot start ends the loop.
+            current = pending[0]
+        results[current] = {"status": "crash", "detail": f"the check's process died: {why}", "max_error": None,
+                            "seconds": round(time.monotonic() - started, 3)}
+        pending.remove(current)
+    return results  # type: ignore[return-value]
+
+
+def _exit_text(code: Optional[int]) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def child_main() -> None:
+    """The child: reads (sys.path, setup, jobs) from stdin, reports on the fd in argv[1]."""
+    global _IN_CHILD
+    _IN_CHILD = True
+    conn = Connection(int(sys.argv[1]), readable=False)
+    path, setup, jobs = pickle.load(sys.stdin.buffer)
+    sys.path[:0] = [p for p in path if p not in sys.path]
+    from engine.ops import autotune
+    autotune.WRITABLE = False
+    try:
+        import engine.ops  # noqa: F401  (registers the ops)
+        for target in setup:
+            module, name = target.split(":")
+            getattr(importlib.import_module(module), name)()
+    except Exception as e:
+        conn.send(("setup-failed", f"{type(e).__name__}: {e}"))
+        return
+    for i, job in enumerate(jobs):
+        conn.send(("start", i))
+        try:
+            if job["kind"] == "check":
+                result = run_check(job)
+            else:
+                module, name = job["kind"].split(":")
+                result = getattr(importlib.import_module(module), name)(job)
+        except Exception as e:
+            result = {"status": "error", "detail": f"{type(e).__name__}: {e}".strip()[:2000],
+                      "trace": traceback.format_exc()[-4000:], "max_error": None, "seconds": None}
+        conn.send(("done", i, result))
+    conn.close()
+
+
+# ------------------------------------------------------------------ the check itself
+
+def _fill(name: Optional[str], spec, gen: torch.Generator, named: dict):
+    """Seeded values an op accepts: a positive variance and scale, valid tags, weights over them."""
+    shape, dtype, layout, grad, device = spec[1:]
+    kw = dict(dtype=dtype, device=device, generator=gen)
+    if name == "tags":
+        rows = named["weight"].shape[0]
+        t = torch.randint(-1, rows, shape, **kw)
+        t[:, 0] = torch.randint(0, rows, (shape[0],), dtype=dtype, device=device, generator=gen)
+    elif name == "tag_weights":
+        valid = (named["tags"] >= 0).to(dtype)
+        t = valid / valid.sum(1, keepdim=True).clamp(min=1)
+    elif not dtype.is_floating_point:
+        t = torch.randint(0, 2, shape, **kw)
+    elif name in ("running_var", "in_scale"):
+        t = torch.rand(shape, **kw).add_(0.5)
+    else:
+        t = torch.randn(shape, **kw)
+    if layout == "nhwc":
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t.requires_grad_(grad)
+
+
+def _build(spec, name, gen, named, leaves: list):
+    kind = spec[0]
+    if kind == "tensor":
+        t = _fill(name, spec, gen, named)
+        if t.requires_grad:
+            leaves.append(t)
+        if name is not None:
+            named[name] = t
+        return t
+    if kind == "namedtuple":
+        module, qualname = spec[1].split(":")
+        cls = getattr(importlib.import_module(module), qualname)
+        return cls(*[_build(s, f, gen, named, leaves) for s, f in zip(spec[2], cls._fields)])
+    if kind == "seq":
+        items = [_build(s, None, gen, named, leaves) for s in spec[2]]
+        return tuple(items) if spec[1] == "tuple" else items
+    return spec[1]
+
+
+def build_call(op, job: dict, seed: int = 0):
+    """(args, kwargs, leaves needing gradients) of a job, the same values for a given seed."""
+    gen = torch.Generator().manual_seed(seed)
+    names = list(inspect.signature(op.backends["reference"].impl).parameters)
+    named: dict[str, Tensor] = {}
+    leaves: list[Tensor] = []
+    args = [_build(s, names[i] if i < len(names) else None, gen, named, leaves) for i, s in enumerate(job["args"])]
+    kwargs = {k: _build(s, k, gen, named, leaves) for k, s in job["kwargs"].items()}
+    return args, kwargs, leaves
+
+
+def _flat(out) -> list[Tensor]:
+    return list(tensors_in(out))
+
+
+def relative_error(got: Tensor, want: Tensor) -> float:
+    """max |got - want| / max |want| (inf when got is not finite where want is)."""
+    if got.shape != want.shape:
+        return float("inf")
+    got, want = got.detach().double(), want.detach().double()
+    finite = torch.isfinite(want)
+    if not bool(torch.isfinite(got[finite]).all()):
+        return float("inf")
+    if not bool(finite.any()):
+        return 0.0
+    scale = want[finite].abs().max().item()
+    return (got[finite] - want[finite]).abs().max().item() / max(scale, 1e-12)
+
+
+def compare(pairs: list[tuple[str, Tensor, Tensor]], dtype: torch.dtype) -> dict:
+    """Pass or mismatch over named (got, want) pairs at dtype's tolerance."""
+    tolerance = TOLERANCE.get(dtype, TOLERANCE[torch.float32])
+    errors = {name: relative_error(got, want) for name, got, want in pairs}
+    worst = max(errors, key=errors.get) if errors else None
+    max_error = errors[worst] if worst else 0.0
+    if worst is not None and not max_error <= tolerance:
+        return {"status": "mismatch", "max_error": max_error, "errors": errors,
+                "detail": f"{worst} is off by {max_error:.3g} of its largest value (tolerance {tolerance:g} "
+                          f"for {str(dtype)[6:]})"}
+    return {"status": "pass", "max_error": max_error, "errors": errors, "detail": f"max error {max_error:.3g}"}
+
+
+def _dtypes(spec):
+    if spec[0] == "tensor":
+        yield spec[2]
+    elif spec[0] in ("namedtuple", "seq"):
+        for s in spec[2]:
+            yield from _dtypes(s)
+
+
+def lowest_precision(dtypes) -> torch.dtype:
+    """The dtype whose tolerance applies: the least precise floating one."""
+    order = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+    return min((d for d in dtypes if d in order), key=order.index, default=torch.float32)
+
+
+def _run(op, backend: str, job: dict):
+    args, kwargs, leaves = build_call(op, job)
+    with torch.set_grad_enabled(job["grad"]):
+        if ":" in backend:
+            out = VARIANT_RUNNERS[op.name](backend, *args, **kwargs)
+        else:
+            out = op.backends[backend].impl(*args, **kwargs)
+        outs = _flat(out)
+        grads: list[Optional[Tensor]] = []
+        differentiable = [o for o in outs if o.requires_grad]
+        if leaves and differentiable:
+            gen = torch.Generator().manual_seed(1)
+            seeds = [torch.randn(o.shape, generator=gen, dtype=torch.float32).to(o.device, o.dtype) for o in
+                     differentiable]
+            grads = list(torch.autograd.grad(differentiable, leaves, seeds, allow_unused=True))
+    if outs and outs[0].is_cuda:
+        torch.cuda.synchronize()
+    # Arguments after the call: ops update running statistics in place.
+    inputs = [t for t in tensors_in((args, kwargs)) if not t.requires_grad and t.is_floating_point()]
+    return outs, grads, inputs, len(leaves), [o.requires_grad for o in outs]
+
+
+def run_check(job: dict) -> dict:
+    """One check, in this process (the child): the backend against the reference."""
+    from engine.ops.dispatch import REGISTRY
+    op = REGISTRY[job["op"]]
+    start = time.perf_counter()
+    outs, grads, inputs, n_leaves, needs = _run(op, job["backend"], job)
+    seconds = time.perf_counter() - start
+    ref_outs, ref_grads, ref_inputs, _, ref_needs = _run(op, "reference", job)
+    if len(outs) != len(ref_outs):
+        return {"status": "mismatch", "max_error": None, "seconds": seconds,
+                "detail": f"returned {len(outs)} tensors, the reference {len(ref_outs)}"}
+    if ref_grads and needs != ref_needs:
+        return {"status": "mismatch", "max_error": None, "seconds": seconds,
+                "detail": f"which outputs carry gradients differs from the reference: {needs} vs {ref_needs}"}
+    pairs = [(f"output {i}", o, r) for i, (o, r) in enumerate(zip(outs, ref_outs))]
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        if (g is None) != (r is None):
+            return {"status": "mismatch", "max_error": None, "seconds": seconds,
+                    "detail": f"gradient {i} is {'missing' if g is None else 'present'}, unlike the reference's"}
+        if g is not None:
+            pairs.append((f"gradient {i}", g, r))
+    pairs += [(f"updated input {i}", a, r) for i, (a, r) in enumerate(zip(inputs, ref_inputs))]
+    specs = list(job["args"]) + list(job["kwargs"].values())
+    verdict = compare(pairs, lowest_precision(d for spec in specs for d in _dtypes(spec)))
+    verdict["seconds"] = round(seconds, 4)
+    verdict["checked"] = {"outputs": len(outs), "gradients": sum(g is not None for g in grads),
+                          "updated inputs": len(inputs)}
+    return verdict
+
+
+def _grouped_conv_variant(choice, x, weight, *, stride=1, groups=1, in_scale=None, in_shift=None, stats=False):
+    from engine.ops import grouped_conv
+    return grouped_conv._Function.apply(x, weight, in_scale, in_shift, int(stride), int(groups), bool(stats), choice)
+
+
+VARIANT_RUNNERS["grouped_conv3x3"] = _grouped_conv_variant
