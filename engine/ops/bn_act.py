@@ -178,15 +178,26 @@ class BatchNormAct2d(torch.nn.BatchNorm2d):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         training = self.training or not self.track_running_stats
-        momentum = self.momentum
+        use_running = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_running else None
+        running_var = self.running_var if use_running else None
+        cumulative = False
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
-            if momentum is None:  # cumulative moving average, as nn.BatchNorm2d
-                momentum = 1.0 / float(self.num_batches_tracked)
-        use_running = not self.training or self.track_running_stats
-        return bn_act(x, self.running_mean if use_running else None, self.running_var if use_running else None,
-                      self.weight, self.bias, training, momentum if momentum is not None else 0.0, self.eps,
-                      residual=residual, relu=self.relu)
+            # momentum=None is nn.BatchNorm2d's cumulative moving average, factor 1/batches. The
+            # factor stays on the device (reading it would wait for the GPU): the op writes this
+            # batch's statistics (momentum 1) into fresh buffers, averaged in below.
+            cumulative = self.momentum is None
+        if cumulative:
+            running_mean, running_var = torch.zeros_like(self.running_mean), torch.zeros_like(self.running_var)
+        y = bn_act(x, running_mean, running_var, self.weight, self.bias, training,
+                   1.0 if cumulative else self.momentum or 0.0, self.eps, residual=residual, relu=self.relu)
+        if cumulative:
+            with torch.no_grad():
+                factor = self.num_batches_tracked.reciprocal()
+                self.running_mean.lerp_(running_mean, factor.to(running_mean.dtype))
+                self.running_var.lerp_(running_var, factor.to(running_var.dtype))
+        return y
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", relu={self.relu}"
