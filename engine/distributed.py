@@ -1,5 +1,6 @@
-"""The lifetime of the engine's process groups: an orderly teardown, and ranks spawned on one
-machine (`engine demo`, the multi-rank tests).
+"""The engine's process groups: joining them (torchrun's environment, or a group the caller
+made), the trunk's DDP gradient hook, an orderly teardown, and ranks spawned on one machine
+(`engine demo`, the multi-rank tests).
 
 Why teardown needs care (gloo, torch 2.14). A collective's Work keeps a copy of the calling
 thread's thread-local state. Inside a backward pass that state holds a Python object (autograd
@@ -21,16 +22,20 @@ running the interpreter's finalisation beside live gloo threads.
 
 from __future__ import annotations
 
+import datetime
 import gc
 import os
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from engine.config import Config
 
 
 def shutdown(*groups, orderly: bool = True) -> None:
@@ -97,3 +102,96 @@ def spawn_ranks(job: Callable, world: int, workdir: str, *args, timeout_s: float
     finally:
         if os.path.exists(rendezvous):
             os.remove(rendezvous)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str = "none"
+    group: object = None  # the trunk's data-parallel group (None: the default group)
+    head_group: object = None  # the head's vocabulary-parallel group: the same ranks, its own communicator
+    owned: bool = False  # this module initialised the default group (and destroys it)
+    collective_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier(group=self.group)
+
+    def close(self, orderly: bool = True) -> None:
+        """Destroys the head's group, and the default group when this module created it."""
+        head_group, self.head_group = self.head_group, None
+        if self.owned:
+            shutdown(head_group, orderly=orderly)
+        elif head_group is not None:
+            if orderly:
+                dist.barrier(group=head_group)
+            dist.destroy_process_group(head_group)
+
+
+def init_distributed(cfg: Config) -> DistInfo:
+    """Uses an initialised default group (tests, notebooks), else the torchrun environment
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from its rendezvous), else one process."""
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    on_gpu = cfg.train.device != "cpu" and torch.cuda.is_available()
+    owned = False
+    if not dist.is_initialized() and env_world > 1:
+        backend = cfg.train.dist_backend if cfg.train.dist_backend != "auto" else ("nccl" if on_gpu else "gloo")
+        kwargs = {}
+        if on_gpu:
+            torch.cuda.set_device(local_rank)
+            if backend == "nccl":
+                kwargs["device_id"] = torch.device("cuda", local_rank)
+        timeout = datetime.timedelta(seconds=cfg.train.dist_timeout_s)
+        store = _elastic_store(env_world, timeout)
+        if store is not None:
+            kwargs.update(store=store, rank=int(os.environ["RANK"]), world_size=env_world)
+        dist.init_process_group(backend, timeout=timeout, **kwargs)
+        owned = True
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return DistInfo(local_rank=local_rank, owned=owned, backend="none")
+    backend = dist.get_backend()
+    info = DistInfo(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, backend=backend,
+                    owned=owned)
+    info.head_group = dist.new_group(backend=backend)
+    if on_gpu and "nccl" in backend:
+        torch.cuda.set_device(local_rank)
+        info.collective_device = torch.device("cuda", local_rank)
+    return info
+
+
+def _elastic_store(world: int, timeout: datetime.timedelta):
+    """Under torchrun, the agent's store with a prefix per restart attempt. torch 2.14 reuses
+    the agent's store across elastic restarts without one, so a restarted rank could read
+    the dead previous worker's gloo address and fail to connect (seen on CPU with gloo)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in os.environ:
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"/engine/attempt_{attempt}", store)
+
+
+@dataclass
+class SumHookState:
+    group: object
+    dtype: str = "fp32"
+
+
+def sum_allreduce_hook(state: SumHookState, bucket):
+    """DDP communication hook: all-reduce SUM (no division by the world size), optionally
+    in bf16 on the wire. The vocabulary-parallel head already gives each rank's features
+    the gradient of the global mean, so the sum is the trunk's true gradient."""
+    buf = bucket.buffer()
+    wire = buf.to(torch.bfloat16) if state.dtype == "bf16" and buf.dtype != torch.bfloat16 else buf
+    fut = dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=state.group, async_op=True).get_future()
+
+    def done(f):
+        out = f.value()[0]
+        if out is not buf:
+            buf.copy_(out)
+        return buf
+
+    return fut.then(done)

@@ -12,7 +12,6 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from engine.config import TransferConfig, apply_overrides, get_preset
 from engine.distributed import spawn_ranks
@@ -120,7 +119,8 @@ def test_stopped_and_resumed_run_gives_the_same_losses(dataset, tmp_path):
 
 
 def _gradient_job(rank, world, out_dir, result_path):
-    from engine.train import DistInfo, Trainer, build_head
+    from engine.distributed import DistInfo
+    from engine.train import Trainer, build_head
 
     cfg = apply_overrides(get_preset("test"), ["data.synthetic=true", "data.synthetic_vocab=13",
                                                f"train.out_dir={out_dir}", "train.batch_size=8",
