@@ -22,7 +22,12 @@ SHAPES = [
 ]
 # (residual, relu): the three ways the ResNeXt uses it
 EPILOGUES = [(False, False), (False, True), (True, True)]
-DTYPES = [(torch.float32, 1e-5, 1e-4), (torch.float16, 2e-2, 2e-2), (torch.bfloat16, 6e-2, 6e-2)]
+# (dtype, tol): the largest error of each result against the fp32 reference on the same rounded
+# inputs, relative to that result's largest magnitude. Measured on the CPU backends (Triton's
+# interpreter, the C++ loop) over every case below: fp16 at most 5.1e-4 (dx, half an ulp of
+# 2^-10 at the scale), bf16 1.1e-3 (the output; bf16's ulp is 2^-7). Each bound is one ulp of
+# its dtype at the value's scale: a dropped term or a scale off by 1% in a gradient fails.
+DTYPES = [(torch.float32, 1e-5), (torch.float16, 2.0 ** -10), (torch.bfloat16, 2.0 ** -7)]
 
 
 def make_inputs(shape, dtype, device, channels_last, residual, seed=0):
@@ -63,14 +68,23 @@ def assert_close(actual, expected, atol, rtol, what):
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
+def assert_close_scaled(actual, expected, tol, what):
+    """max |actual - expected| <= tol * max |expected|: rounding to a dtype errs relative to
+    the values' scale, and batch-norm gradients subtract means, so many elements are near 0."""
+    actual, expected = actual.float(), expected.float()
+    scale = expected.abs().max().clamp_min(1e-30)
+    err = ((actual - expected).abs().max() / scale).item()
+    assert err <= tol, f"{what}: error {err:.2e} of the scale {scale.item():.3g} > {tol:.2e}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("dtype, tol", DTYPES, ids=["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("residual, relu", EPILOGUES, ids=["bn", "bn_relu", "bn_add_relu"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_matches_reference(device, backend, dtype, atol, rtol, shape, channels_last, residual, relu, training):
+def test_matches_reference(device, backend, dtype, tol, shape, channels_last, residual, relu, training):
     if device == "cpu" and backend == "triton":
         if os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set by conftest without a GPU)")
@@ -82,13 +96,12 @@ def test_matches_reference(device, backend, dtype, atol, rtol, shape, channels_l
 
     assert y.dtype == dtype and y.shape == x.shape
     assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    assert_close(y, y_ref, atol, rtol, "output")
+    assert_close_scaled(y, y_ref, tol, "output")
     assert_close(rm, rm_ref, 1e-5, 1e-4, "running_mean")
     assert_close(rv, rv_ref, 1e-5, 1e-3, "running_var")
-    # Gradients scale with the batch; a per-channel sum in half precision is looser still.
     for name, g, g_ref in zip(["dx", "dweight", "dbias", "dresidual"], grads, grads_ref):
         assert g.dtype == g_ref.dtype
-        assert_close(g, g_ref, atol * 10, rtol * 2, name)
+        assert_close_scaled(g, g_ref, tol, name)
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -66,6 +66,18 @@ MUTATIONS = [
         "grouped_conv_bn_fwd_cuda(x, weight, in_scale, in_shift * 0,",
         ("tests/test_conv_bn.py", "-k", "3x3_paths and direct"),
         "the fused block's direct-kernel 3x3 loses bn1's shift in its prologue"),
+    Mutation(
+        "bn_act-dx-scaled-by-1pct", "kernels/bn_act.py",
+        "k_g = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32) * invstd\n",
+        "k_g = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32) * invstd * 1.01\n",
+        ("tests/test_bn_act.py", "-k", "matches_reference and float16 and triton"),
+        "bn_act's Triton dx is 1% off: the half-precision tolerances must see it"),
+    Mutation(
+        "bn_act-dx-drops-xhat-term", "kernels/bn_act.py",
+        "dx += x * tl.load(K_X + cols",
+        "dx += 0.0 * x * tl.load(K_X + cols",
+        ("tests/test_bn_act.py", "-k", "matches_reference and float16 and triton"),
+        "bn_act's Triton dx loses the batch-statistics term through xhat, seen in half precision"),
 ]
 
 
