@@ -43,7 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-set", help="directory of evaluation images, or a file of sha256 digests")
     p.add_argument("--shard-size", type=int, default=5000, help="samples per shard")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="processes (0: one per core)")
+    p.add_argument("--workers", type=int, default=0, help="processes, or CPUs of a local Ray cluster (0: one per core)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: a process pool on this machine; ray: Ray Data (a local cluster unless --address)")
+    p.add_argument("--address", help="--engine ray: the Ray cluster to join, e.g. auto or ray://head:10001")
+    p.add_argument("--chunk-size", type=int, default=2048, help="metadata rows per part (one scan task)")
+    p.add_argument("--plan-buckets", type=int, default=0,
+                   help="hash buckets of the dedup and vocabulary aggregations (0: one per 250k rows)")
     p.add_argument("--min-count", type=int, default=1)
     p.add_argument("--max-tags-per-image", type=int, default=32)
     p.add_argument("--weighting", choices=("sum", "mean", "max"), default="sum")
@@ -104,10 +110,11 @@ def _run(args: argparse.Namespace) -> int:
             reencode_progressive=not args.keep_progressive, quality=args.quality, overwrite=args.overwrite,
             progress=not args.quiet, format=args.format, path_template=args.path_template,
             yfcc_tags=args.yfcc_tags, path_field=args.path_field, caption_field=args.caption_field,
-            tags_field=args.tags_field, key_field=args.key_field,
+            tags_field=args.tags_field, key_field=args.key_field, engine=args.engine, address=args.address,
+            chunk_size=args.chunk_size, plan_buckets=args.plan_buckets,
         ))
         summary = {k: report[k] for k in ("metadata_rows", "valid_as_is", "reencoded", "skipped", "dropped",
-                                           "written", "vocab", "shards", "seconds")}
+                                           "written", "vocab", "shards", "seconds", "engine", "peak_rss_bytes")}
         print(json.dumps(summary, indent=1, ensure_ascii=False))
         print(f"report: {args.out}/report.json; every rejected image: {args.out}/rejected.jsonl", file=sys.stderr)
         return 0
