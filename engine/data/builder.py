@@ -43,9 +43,8 @@ from engine.data import plan as plan_mod
 from engine.data import scan as scan_mod
 from engine.data import vocab as vocab_mod
 from engine.data import write as write_mod
-from engine.data._progress import Progress
 from engine.data.dataset import FORMAT, shard_name
-from engine.data.engines import ENGINES, make_engine, peak_rss_bytes
+from engine.data.engines import ENGINES, make_engine, peak_rss_bytes, run_stage, todo
 from engine.data.write import BuildError
 
 ROWS_VERSION = 1
@@ -258,22 +257,6 @@ def _write_rows(cfg: BuildConfig, synonyms: dict, rows_dir: str) -> dict:
     return info
 
 
-def _todo(tasks: list, out_key: str = "out") -> list:
-    return [t for t in tasks if not os.path.isfile(t[out_key])]
-
-
-def _run_stage(engine, fn, tasks: list, desc: str, enabled: bool, total: int, initial: int = 0,
-               weight=lambda r: 1, note=None) -> list:
-    results = []
-    with Progress(total, desc, enabled=enabled, initial=initial) as bar:
-        for r in engine.map(fn, tasks):
-            results.append(r)
-            if note is not None:
-                bar.note = note(r)
-            bar.update(weight(r))
-    return results
-
-
 def build(config: Union[BuildConfig, dict]) -> dict:
     """Builds (or resumes building) a dataset; returns the report (also written to
     <out>/report.json) with this run's timings, shard reuse and peak memory. Raises
@@ -342,7 +325,7 @@ def build(config: Union[BuildConfig, dict]) -> dict:
         # ---- stage 1: scan
         t = time.monotonic()
         limits = dataclasses.asdict(cfg.limits())
-        tasks = _todo([{"part": p, "rows": rows_of[p], "out": scan_of[p], "images": images, "limits": limits,
+        tasks = todo([{"part": p, "rows": rows_of[p], "out": scan_of[p], "images": images, "limits": limits,
                         "dali": use_dali, "dali_device": cfg.dali_device, "scan_dir": scan_dir}
                        for p in range(num_parts)])
         rejected_so_far: dict[str, int] = {}
@@ -353,55 +336,19 @@ def build(config: Union[BuildConfig, dict]) -> dict:
             return "rejected " + (", ".join(f"{k} {v}" for k, v in sorted(rejected_so_far.items())) or "0")
 
         before = num_rows - sum(min(cfg.chunk_size, num_rows - t_["part"] * cfg.chunk_size) for t_ in tasks)
-        _run_stage(engine, scan_mod.scan_part, tasks, "scan ", cfg.progress, num_rows, before,
+        run_stage(engine, scan_mod.scan_part, tasks, "scan ", cfg.progress, num_rows, before,
                    weight=lambda r: r["rows"], note=scan_note)
         stages["scan"] = time.monotonic() - t
 
         # ---- stage 2: plan
         t = time.monotonic()
-        common = {"part_rows": cfg.chunk_size, "buckets": buckets, "eval": eval_path}
-        spills = [part(plan_dir, "spill", p) for p in range(num_parts)]
-        dedups = [part(plan_dir, "dedup", b) for b in range(buckets)]
-        counts = [part(plan_dir, "counts", p) for p in range(num_parts)]
-        statuses = [part(plan_dir, "status", p) for p in range(num_parts)]
-        assigns = [part(plan_dir, "assign", p) for p in range(num_parts)]
-        routes = [part(plan_dir, "route", p) for p in range(num_parts)]
-        for fn, tasks, desc in (
-            (plan_mod.spill_part, [dict(common, part=p, scan=scan_of[p], rows=rows_of[p], out=spills[p])
-                                   for p in range(num_parts)], "dedup map"),
-            (plan_mod.dedup_bucket, [{"bucket": b, "spills": spills, "out": dedups[b]} for b in range(buckets)],
-             "dedup reduce"),
-            (plan_mod.count_part, [dict(common, part=p, scan=scan_of[p], rows=rows_of[p], dedups=dedups,
-                                        status=statuses[p], out=counts[p]) for p in range(num_parts)], "count"),
-        ):
-            tasks = _todo(tasks)
-            _run_stage(engine, fn, tasks, desc.ljust(5), cfg.progress, len(tasks))
-        vocab_results = _run_stage(
-            engine, plan_mod.vocab_bucket,
-            [{"bucket": b, "counts": counts, "min_count": cfg.min_count, "k": k} for b in range(buckets)],
-            "vocab", cfg.progress, buckets)
-        hashtags, _, distinct = plan_mod.merge_vocab(sorted(vocab_results, key=lambda r: r["bucket"]), k)
-        plan_vocab = os.path.join(plan_dir, "vocab.json")
-        _write_text(plan_vocab, json.dumps({"hashtags": hashtags}, ensure_ascii=False))
-        tasks = _todo([{"part": p, "rows": rows_of[p], "scan": scan_of[p], "status": statuses[p], "vocab": plan_vocab,
-                        "max_tags": cfg.max_tags_per_image, "out": assigns[p]} for p in range(num_parts)])
-        _run_stage(engine, plan_mod.assign_part, tasks, "final", cfg.progress, len(tasks))
-        part_reports = [assigns[p][: -len(".arrow")] + ".report.json" for p in range(num_parts)]
-        merged = write_mod.merge_reports(part_reports)
-        n = merged["final"]
-        if n == 0:
+        planned = plan_mod.run_plan(engine, plan_mod.PlanSpec(
+            plan_dir=plan_dir, rows=rows_of, scans=scan_of, part_rows=cfg.chunk_size, buckets=buckets,
+            eval_path=eval_path, k=k, min_count=cfg.min_count, max_tags=cfg.max_tags_per_image, seed=cfg.seed,
+            progress=cfg.progress))
+        if planned.n == 0:
             raise BuildError(f"no image survived validation, deduplication and the vocabulary (metadata {cfg.metadata})")
-        final_counts = np.zeros(len(hashtags), np.int64)
-        first = np.zeros(num_parts + 1, np.int64)
-        for p in range(num_parts):
-            with open(part_reports[p], encoding="utf-8") as f:
-                first[p + 1] = first[p] + json.load(f)["final"]
-            final_counts += np.load(assigns[p][: -len(".arrow")] + ".counts.npy")
-        counts_path = os.path.join(plan_dir, "final_counts.npy")
-        np.save(counts_path, final_counts)
-        tasks = _todo([{"part": p, "assign": assigns[p], "rows": rows_of[p], "scan": scan_of[p], "n": n,
-                        "first": int(first[p]), "seed": cfg.seed, "out": routes[p]} for p in range(num_parts)])
-        _run_stage(engine, plan_mod.route_part, tasks, "order", cfg.progress, len(tasks))
+        n, hashtags, merged, final_counts = planned.n, planned.hashtags, planned.report, planned.final_counts
         stages["plan"] = time.monotonic() - t
 
         # ---- stage 3: write shards
@@ -418,9 +365,9 @@ def build(config: Union[BuildConfig, dict]) -> dict:
                         continue
                 os.remove(done)
             tasks.append({"shard": s, "lo": s * cfg.shard_size, "hi": min(n, (s + 1) * cfg.shard_size),
-                          "routes": routes, "bins": bins, "images": images, "counts": counts_path,
+                          "routes": planned.routes, "bins": bins, "images": images, "counts": planned.counts_path,
                           "weighting": cfg.weighting, "shard_dir": shard_dir, "done_dir": done_dir, "plan": plan_fp})
-        _run_stage(engine, write_mod.write_shard_task, tasks, "write", cfg.progress, num_shards, reused)
+        run_stage(engine, write_mod.write_shard_task, tasks, "write", cfg.progress, num_shards, reused)
         stages["write"] = time.monotonic() - t
         peak = dict(engine.peak_rss)
     for name in os.listdir(shard_dir):  # shards of an older, larger plan
@@ -432,8 +379,7 @@ def build(config: Union[BuildConfig, dict]) -> dict:
     t = time.monotonic()
     max_tags = write_mod.write_index(out, done_dir, num_shards, n, merged["tags"])
     vocab_mod.write_vocab(os.path.join(out, "vocab.json"), hashtags, final_counts.tolist())
-    write_mod.concat_parts([a[: -len(".arrow")] + ".rejected.jsonl" for a in assigns],
-                           os.path.join(out, "rejected.jsonl"))
+    write_mod.concat_parts(planned.rejected_parts, os.path.join(out, "rejected.jsonl"))
     skipped = merged["skipped"]
     reencoded = merged["reencoded"]
     report = {
@@ -458,7 +404,7 @@ def build(config: Union[BuildConfig, dict]) -> dict:
             "duplicate": _capped_entry(merged["duplicate"].get("all")),  # [key, key of the copy kept]
             "no_hashtag": _capped_entry(merged["no_hashtag"].get("all")),
         },
-        "vocab": {"requested": k, "size": len(hashtags), "distinct_hashtags": distinct,
+        "vocab": {"requested": k, "size": len(hashtags), "distinct_hashtags": planned.distinct,
                   "synonyms": len(synonyms), "weighting": cfg.weighting},
         "eval_set_hashes": len(eval_hashes),
         "shards": {"count": num_shards, "shard_size": cfg.shard_size},

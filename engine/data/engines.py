@@ -156,3 +156,24 @@ def _start_method(method: str) -> str:
     print(f"engine data build: {path} calls build() outside an `if __name__ == '__main__':` guard; "
           "forking the worker processes instead of spawning them", file=sys.stderr)
     return "fork"
+
+
+def todo(tasks: list, out_key: str = "out") -> list:
+    """The tasks whose output file does not exist yet (a resumed stage)."""
+    return [t for t in tasks if not os.path.isfile(t[out_key])]
+
+
+def run_stage(engine, fn: Callable, tasks: list, desc: str, enabled: bool, total: int, initial: int = 0,
+              weight: Callable = lambda r: 1, note: Optional[Callable] = None) -> list:
+    """fn over tasks on the engine, one progress line for the stage across the cluster;
+    `note(result)` returns text shown after the bar (e.g. rejections by reason)."""
+    from engine.data._progress import Progress
+
+    results = []
+    with Progress(total, desc, enabled=enabled, initial=initial) as bar:
+        for r in engine.map(fn, tasks):
+            results.append(r)
+            if note is not None:
+                bar.note = note(r)
+            bar.update(weight(r))
+    return results

@@ -27,10 +27,12 @@ import json
 import os
 import zlib
 from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from engine.data import vocab as vocab_mod
+from engine.data.engines import run_stage, todo
 
 KEPT, SKIPPED, IN_EVAL, DUPLICATE = 0, 1, 2, 3
 REPORT_MAX_KEYS = 10000
@@ -332,3 +334,89 @@ def read_route_range(path: str, lo: int, hi: int):
 
 def image_weights(tag_lists: list, counts: np.ndarray, weighting: str) -> np.ndarray:
     return vocab_mod.image_weights([np.asarray(t, np.int64) for t in tag_lists], np.maximum(counts, 1), weighting)
+
+
+# ---------------------------------------------------------------- driver
+
+
+@dataclass
+class PlanSpec:
+    plan_dir: str
+    rows: list  # rows/part-N.parquet, every part
+    scans: list  # scan/part-N.parquet, every part
+    part_rows: int  # rows per part (all parts but the last)
+    buckets: int  # hash buckets of dedup and vocabulary
+    eval_path: str  # sorted evaluation-set digests (load_eval_set)
+    k: int  # vocabulary size
+    min_count: int = 1
+    max_tags: int = 32
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class PlanResult:
+    n: int  # final samples
+    hashtags: list  # the vocabulary, id order
+    distinct: int  # distinct hashtags of the kept rows
+    final_counts: np.ndarray  # images per hashtag in the final set
+    counts_path: str  # final_counts saved for the writers
+    report: dict  # merged part reports (write.merge_reports)
+    routes: list = field(default_factory=list)  # route-N.arrow, every part
+    rejected_parts: list = field(default_factory=list)  # the parts of rejected.jsonl, in order
+
+
+def run_plan(engine, spec: PlanSpec) -> PlanResult:
+    """Every plan stage on the engine; a stage's finished tasks (output present) are skipped."""
+    from engine.data.write import merge_reports
+
+    parts = range(len(spec.rows))
+
+    def name(kind: str, i: int) -> str:
+        return os.path.join(spec.plan_dir, "%s-%06d.arrow" % (kind, i))
+
+    common = {"part_rows": spec.part_rows, "buckets": spec.buckets, "eval": spec.eval_path}
+    spills = [name("spill", p) for p in parts]
+    dedups = [name("dedup", b) for b in range(spec.buckets)]
+    counts = [name("counts", p) for p in parts]
+    statuses = [name("status", p) for p in parts]
+    assigns = [name("assign", p) for p in parts]
+    routes = [name("route", p) for p in parts]
+    for fn, tasks, desc in (
+        (spill_part, [dict(common, part=p, scan=spec.scans[p], rows=spec.rows[p], out=spills[p]) for p in parts],
+         "dedup map"),
+        (dedup_bucket, [{"bucket": b, "spills": spills, "out": dedups[b]} for b in range(spec.buckets)],
+         "dedup reduce"),
+        (count_part, [dict(common, part=p, scan=spec.scans[p], rows=spec.rows[p], dedups=dedups, status=statuses[p],
+                           out=counts[p]) for p in parts], "count"),
+    ):
+        tasks = todo(tasks)
+        run_stage(engine, fn, tasks, desc, spec.progress, len(tasks))
+    vocab_results = run_stage(engine, vocab_bucket, [{"bucket": b, "counts": counts, "min_count": spec.min_count,
+                                                      "k": spec.k} for b in range(spec.buckets)],
+                              "vocab", spec.progress, spec.buckets)
+    hashtags, _, distinct = merge_vocab(sorted(vocab_results, key=lambda r: r["bucket"]), spec.k)
+    vocab_path = os.path.join(spec.plan_dir, "vocab.json")
+    with open(vocab_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"hashtags": hashtags}, f, ensure_ascii=False)
+    os.replace(vocab_path + ".tmp", vocab_path)
+    tasks = todo([{"part": p, "rows": spec.rows[p], "scan": spec.scans[p], "status": statuses[p], "vocab": vocab_path,
+                   "max_tags": spec.max_tags, "out": assigns[p]} for p in parts])
+    run_stage(engine, assign_part, tasks, "final", spec.progress, len(tasks))
+    stem = [a[: -len(".arrow")] for a in assigns]
+    report = merge_reports([s + ".report.json" for s in stem])
+    final_counts = np.zeros(len(hashtags), np.int64)
+    first = np.zeros(len(parts) + 1, np.int64)
+    for p in parts:
+        with open(stem[p] + ".report.json", encoding="utf-8") as f:
+            first[p + 1] = first[p] + json.load(f)["final"]
+        final_counts += np.load(stem[p] + ".counts.npy")
+    counts_path = os.path.join(spec.plan_dir, "final_counts.npy")
+    np.save(counts_path, final_counts)
+    n = int(first[-1])
+    if n:
+        tasks = todo([{"part": p, "assign": assigns[p], "rows": spec.rows[p], "scan": spec.scans[p], "n": n,
+                       "first": int(first[p]), "seed": spec.seed, "out": routes[p]} for p in parts])
+        run_stage(engine, route_part, tasks, "order", spec.progress, len(tasks))
+    return PlanResult(n=n, hashtags=hashtags, distinct=distinct, final_counts=final_counts, counts_path=counts_path,
+                      report=report, routes=routes, rejected_parts=[s + ".rejected.jsonl" for s in stem])
