@@ -10,6 +10,7 @@ import sys
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
     "info": ("engine.info", "versions, devices and which op backends can run here"),
+    "selftest": ("engine.selftest", "every op, backend and dtype against its reference on this device"),
     "bench": ("engine.bench", "training-step throughput of a ResNeXt on synthetic input"),
     "data": ("engine.data.cli", "build, synthesise and benchmark hashtag datasets"),
     "train": ("engine.train", "hashtag pretraining (presets, --set overrides; under torchrun for many GPUs)"),
