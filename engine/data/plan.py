@@ -93,7 +93,7 @@ def spill_part(task: dict) -> dict:
     import pyarrow.parquet as pq
 
     scan = pq.read_table(task["scan"], columns=["action", "sha256"])
-    keys = pq.read_table(task["rows"], columns=["key"]).column("key").to_numpy(zero_copy_only=False)
+    keys = pq.read_table(task["rows"], columns=["key"]).column("key").combine_chunks()
     valid = np.asarray(scan.column("action").to_numpy(zero_copy_only=False) != "skipped")
     sha = np.zeros((len(valid), 32), np.uint8)
     if valid.any():
@@ -109,9 +109,10 @@ def spill_part(task: dict) -> dict:
     base = task["part"] * task["part_rows"]
     for b in range(task["buckets"]):
         idx = cand[bounds[b] : bounds[b + 1]]
-        batches.append(pa.record_batch([
-            pa.array([bytes(s) for s in sha[idx]], pa.binary(32)), pa.array(base + idx, pa.int64()),
-            pa.array(keys[idx].tolist() if len(idx) else [], pa.string())], schema=schema))
+        digests = pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), len(idx),
+                                                       [None, pa.py_buffer(np.ascontiguousarray(sha[idx]).tobytes())])
+        batches.append(pa.record_batch([digests, pa.array(base + idx, pa.int64()), keys.take(pa.array(idx))],
+                                       schema=schema))
     _write_ipc(task["out"], batches, schema)
     return {"part": task["part"], "candidates": int(len(cand)), "in_eval": int(in_eval.sum())}
 
