@@ -113,7 +113,7 @@ def build_head(cfg: Config, in_features: int, vocab: int, d: DistInfo, device: t
     h = cfg.head
     head = HashtagHead(in_features, vocab, process_group=d.head_group if d.world > 1 else None,
                        sample_fraction=h.sample_fraction, label_smoothing=h.label_smoothing, z_loss=h.z_loss,
-                       backend=h.backend or None, device=device)
+                       backend=h.backend or None, static_batch=True, device=device)
     bound = 1.0 / math.sqrt(in_features)
     chunk = 4096
     with torch.no_grad():

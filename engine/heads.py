@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from engine.ops.hashtag_ce import gather_rows, hashtag_ce, validate, vocab_slices
+from engine.ops.hashtag_ce import gather_rows, hashtag_ce, tag_errors, validate, vocab_slices
 
 
 class HashtagHead(nn.Module):
@@ -47,7 +47,7 @@ class HashtagHead(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, *, bias: bool = True, process_group=None,
                  sample_fraction: float = 1.0, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                 backend: Optional[str] = None, device=None, dtype=None):
+                 backend: Optional[str] = None, static_batch: bool = False, device=None, dtype=None):
         super().__init__()
         world = dist.get_world_size(process_group) if process_group is not None else 1
         rank = dist.get_rank(process_group) if process_group is not None else 0
@@ -70,6 +70,14 @@ class HashtagHead(nn.Module):
         self.bias = nn.Parameter(torch.empty(self.vocab_stop - self.vocab_start, **factory)) if bias else None
         # Rows of the local batches seen in training that had no valid tag (left out of the loss).
         self.register_buffer("empty_rows", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        # static_batch: every call on every rank has the same shapes (a training loop with a fixed
+        # micro-batch). The first call's exchange of shapes is reused, and bad tag values are
+        # counted here on the device instead of read back: a call makes no host sync. The
+        # caller reads `bad_tags` when it syncs anyway. A rank whose shapes change alone would
+        # leave the others waiting in the exchange: keep shapes fixed on every rank.
+        self.static_batch = static_batch
+        self.register_buffer("bad_tags", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        self._layout = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -84,7 +92,8 @@ class HashtagHead(nn.Module):
                 reduction: str = "mean", return_lse: bool = False):
         """hashtag_ce over the vocabulary (or the sampled part of it, in sampled training)."""
         weight, bias = self.weight, self.bias
-        if self.training and self.sample_fraction < 1.0:
+        sampled = self.training and self.sample_fraction < 1.0
+        if sampled:
             rows, tags = self._sample(features, tags, tag_weights)
             weight = weight[rows]
             bias = bias[rows] if bias is not None else None
@@ -92,9 +101,21 @@ class HashtagHead(nn.Module):
         if isinstance(features, Tensor) and weight.dtype != features.dtype:
             weight = weight.to(features.dtype)
             bias = bias.to(features.dtype) if bias is not None else None
+        layout = None
+        if self.static_batch and not sampled:
+            key = (tuple(features.shape), tuple(tags.shape), features.dtype, tag_weights is not None, reduction)
+            if self._layout is not None and self._layout[0] == key:
+                layout = self._layout[1]
+                with torch.no_grad():
+                    self.bad_tags += tag_errors(tags, tag_weights, self.num_classes)
+            else:
+                layout = validate(features, weight, tags, tag_weights, bias, label_smoothing=self.label_smoothing,
+                                  z_loss=self.z_loss, reduction=reduction, process_group=self.process_group,
+                                  vocab_size=self.num_classes)
+                self._layout = (key, layout)
         out = hashtag_ce(features, weight, tags, tag_weights, bias, label_smoothing=self.label_smoothing,
                          z_loss=self.z_loss, reduction=reduction, return_lse=return_lse,
-                         process_group=self.process_group, backend=self.backend)
+                         process_group=self.process_group, backend=self.backend, layout=layout)
         if self.training:
             with torch.no_grad():
                 self.empty_rows += (tags < 0).all(1).sum()

@@ -4,7 +4,6 @@ metrics.jsonl, TensorBoard event files and the progress line."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import TYPE_CHECKING, Optional
@@ -67,8 +66,6 @@ class MetricLogger:
 
     def _reset(self):
         self.n = 0
-        self.loss_sum = 0.0
-        self.loss_n = 0
         self.data_s = 0.0
         self.step_s = 0.0
         self.t_start = time.perf_counter()
@@ -95,28 +92,29 @@ class MetricLogger:
               f"{r['world_size']} ranks x {r['accumulation']} accumulation, peak lr {r['peak_lr']:.4g}, "
               f"vocab {r['vocab_size']}, steps {step} -> {self.total}, out {self.cfg.train.out_dir}", flush=True)
 
-    def step(self, step: int, loss: float, lr: float, data_s: float, step_s: float) -> None:
+    def step(self, lr: float, data_s: float, step_s: float) -> None:
+        """Host-side timings of one step (the loss is counted on the device: engine.train.StepCounters)."""
         self.n += 1
-        if math.isfinite(loss):
-            self.loss_sum += loss
-            self.loss_n += 1
         self.data_s += data_s
         self.step_s += step_s
         self.lr = lr
-        if step % self.every == 0 or step == self.total:
-            self.flush(step)
 
-    def flush(self, step: int) -> None:
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total
+
+    def flush(self, step: int, loss_sum: float, finite: int, steps: int) -> None:
+        """One record for the steps since the last flush: `steps` of them, `finite` with a
+        finite loss summing to `loss_sum` (read back from the device)."""
         if self.n == 0:
             return
         wall = time.perf_counter() - self.t_start
         images = self.n * self.cfg.train.batch_size
         ips = images / wall
-        rec = {"step": step, "loss": self.loss_sum / self.loss_n if self.loss_n else None, "lr": self.lr,
+        rec = {"step": step, "loss": loss_sum / finite if finite else None, "lr": self.lr,
                "img_per_s": ips, "img_per_s_per_rank": ips / self.d.world,
                "data_wait": self.data_s / wall, "step_ms": 1e3 * self.step_s / self.n,
                "mfu": ips * self.flops / (self.d.world * self.peak) if self.peak else None,
-               "mem_gib": self._memory(), "skipped": self.n - self.loss_n, "time": time.time()}
+               "mem_gib": self._memory(), "skipped": steps - finite, "time": time.time()}
         self.history.append(rec)
         self._reset()
         if not self.rank0:
@@ -154,7 +152,6 @@ class MetricLogger:
             print(f"engine train: {text}", flush=True)
 
     def finish(self, trainer: Trainer, status: str) -> dict:
-        self.flush(trainer.state.step)
         losses = [h["loss"] for h in self.history if h["loss"] is not None]
         timed = self.history[1:] or self.history  # the first interval holds the warm-up
         s = trainer.state

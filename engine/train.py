@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -83,6 +82,52 @@ class TrainState:
     last_checkpoint: Optional[str] = None
 
 
+def host_read(t: torch.Tensor) -> list:
+    """The loop's only read of device values (a blocking copy, which waits for the GPU to
+    drain its queue). A step in steady state makes none; tests count the calls."""
+    return t.tolist()
+
+
+@dataclass
+class Counters:
+    loss_sum: float  # finite losses since the last read
+    finite: int  # steps with a finite loss since the last read
+    steps: int  # steps since the last read
+    streak: int  # non-finite losses in a row, now
+    skipped: int  # non-finite steps in the run
+    limit_step: int  # the step at which the streak reached max_nonfinite, or -1
+    stop: bool  # any rank asked to stop
+    bad_tags: int  # the most bad tag values any rank counted
+
+
+class StepCounters:
+    """Per-step bookkeeping kept in one fp64 vector on the device (exact for counts up to
+    2**53), updated by a few small kernels per step and read back in one copy."""
+
+    def __init__(self, device: torch.device, state: TrainState, max_nonfinite: int):
+        self.max_nonfinite = max_nonfinite
+        # [loss_sum, finite, steps, streak, skipped, limit_step, step]
+        self.v = torch.tensor([0, 0, 0, state.nonfinite_in_row, state.skipped, -1, state.step],
+                              dtype=torch.float64, device=device)
+
+    def record(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
+        v, ok = self.v, finite.double()
+        streak = (v[3] + 1) * (1 - ok)
+        step = v[6] + 1
+        reached = (v[5] < 0) & (streak >= self.max_nonfinite)
+        self.v = torch.stack([v[0] + torch.where(finite, loss.double(), 0.0), v[1] + ok, v[2] + 1, streak,
+                              v[4] + 1 - ok, torch.where(reached, step, v[5]), step])
+
+    def read(self, flags: torch.Tensor) -> Counters:
+        """The counters and the (stop, bad tags) flags, in one copy."""
+        values = host_read(torch.cat([self.v, flags.to(self.v)]))
+        return Counters(values[0], int(values[1]), int(values[2]), int(values[3]), int(values[4]), int(values[5]),
+                        values[7] > 0, int(values[8]))
+
+    def reset_interval(self) -> None:
+        self.v[:3] = 0
+
+
 class Trainer:
     """Everything a run needs, built in __init__ (checks first, then the process group,
     model, head, optimiser, data, and the resume); `fit()` runs the loop."""
@@ -128,11 +173,16 @@ class Trainer:
         self.model, self.ddp = wrap_trunk(cfg, self.trunk, self.dist, self.device, self.micro, self.amp_dtype)
         self.flops_per_image = model_flops_per_image(cfg, self.vocab)
         self.log = MetricLogger(cfg, self.dist, self.device, self.flops_per_image, self.micro)
+        self.counters = StepCounters(self.device, self.state, cfg.train.max_nonfinite)
+        self.last_sync_step = self.state.step
         if self.rank0:
             write_json(os.path.join(self.out_dir, "config.json"), {**cfg.to_dict(), "resolved": self.resolved()})
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
+        """The loop. A step queues its work and returns without reading anything back from the
+        device, so the host stays ahead of the GPU; the loss, the non-finite streak and the
+        stop signal are read once per sync point (a log step, a checkpoint step, the last step)."""
         cfg, state = self.cfg.train, self.state
         batches = iter_forever(self.loader)
         start_step, status = state.step, "completed"
@@ -140,24 +190,27 @@ class Trainer:
         with StopSignals() as stop:
             while state.step < cfg.steps:
                 t0 = time.perf_counter()
-                loss, lr, data_s = self.train_step(batches)
-                stop_now, nonfinite = self.agree(stop.requested, not math.isfinite(loss))
+                lr, data_s = self.train_step(batches)
                 state.step += 1
                 state.images += cfg.batch_size
-                self.count_nonfinite(nonfinite)
-                self.log.step(state.step, loss, lr, data_s, time.perf_counter() - t0)
+                self.log.step(lr, data_s, time.perf_counter() - t0)
                 halted = cfg.halt_after and cfg.halt_after <= state.step - start_step and state.step < cfg.steps
-                periodic = cfg.ckpt_every and state.step % cfg.ckpt_every == 0 and not state.nonfinite_in_row
-                if cfg.checkpoints and (stop_now or halted or state.step == cfg.steps or periodic):
+                periodic = cfg.ckpt_every and state.step % cfg.ckpt_every == 0
+                if not (halted or periodic or state.step == cfg.steps or self.log.due(state.step)):
+                    continue
+                stop_now = self.sync(stop.requested, final=halted or state.step == cfg.steps)
+                if cfg.checkpoints and (stop_now or halted or state.step == cfg.steps
+                                        or (periodic and not state.nonfinite_in_row)):
                     self.save()
                 if stop_now or halted:
                     status = "preempted" if stop_now else "halted"
                     break
         return self.finish(status)
 
-    def train_step(self, batches: Iterator[dict]) -> tuple[float, float, float]:
-        """One optimizer step over `accum` micro-batches: (the global-batch mean loss, its lr,
-        seconds spent waiting for data). A non-finite loss skips the update."""
+    def train_step(self, batches: Iterator[dict]) -> tuple[float, float]:
+        """One optimizer step over `accum` micro-batches: (its lr, seconds spent waiting for
+        data). A non-finite global-batch loss skips the update (weights, momentum); the
+        schedule advances either way. The loss stays on the device (`self.counters`)."""
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
         total, data_s = torch.zeros((), device=self.device), 0.0
@@ -167,14 +220,37 @@ class Trainer:
                 batch = next(batches)
                 data_s += time.perf_counter() - t0
                 total += self.forward_backward(batch["images"], batch["tags"], sync=i == self.accum - 1)
-            loss = total.item()
         except torch.OutOfMemoryError as e:
             raise OutOfMemory(oom_advice(self.cfg, self.micro, self.accum, self.device)) from e
-        if math.isfinite(loss):
+        finite = torch.isfinite(total)
+        self.update(finite)
+        self.scheduler.step()  # the lr is a function of the step, skipped steps included
+        self.counters.record(total, finite)
+        return lr, data_s
+
+    def update(self, finite: torch.Tensor) -> None:
+        """The optimizer step where `finite`, without reading it back when the optimizer can
+        skip on the device: torch's fused SGD leaves parameters and momentum untouched where
+        `found_inf` is 1. Its first step would still create the momentum buffers (uninitialised)
+        for a skipped step, and fp16's GradScaler and other optimizers decide on the host, so
+        those read the flag back (a sync)."""
+        if self.skips_on_device():
+            self.optimizer.found_inf = torch.logical_not(finite).float().reshape(1)
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif host_read(finite):
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        self.scheduler.step()  # the lr is a function of the step, skipped steps included
-        return loss, lr, data_s
+
+    def skips_on_device(self) -> bool:
+        opt = self.optimizer
+        if self.scaler.is_enabled() or not isinstance(opt, torch.optim.SGD) or not opt.defaults.get("fused"):
+            return False
+        return all(g["momentum"] == 0 or all(opt.state.get(p, {}).get("momentum_buffer") is not None
+                                             for p in g["params"] if p.grad is not None)
+                   for g in opt.param_groups)
 
     def forward_backward(self, images: torch.Tensor, tags: torch.Tensor, sync: bool = True) -> torch.Tensor:
         """Loss of one micro-batch (divided by the accumulation steps) and its backward; the
@@ -190,29 +266,42 @@ class Trainer:
         return loss.detach().float()
 
     # ------------------------------------------------------------------ helpers of the loop
-    def agree(self, stop: bool, nonfinite: bool) -> tuple[bool, bool]:
-        """Every rank takes the same decision: stop if any rank got a signal."""
-        if self.dist.world == 1:
-            return stop, nonfinite
-        flags = torch.tensor([float(stop), float(nonfinite)], device=self.dist.collective_device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.dist.group)
-        return bool(flags[0]), bool(flags[1])
-
-    def count_nonfinite(self, nonfinite: bool) -> None:
+    def sync(self, stop: bool, final: bool = False) -> bool:
+        """A sync point: one read-back of the step counters, with this rank's stop request
+        all-reduced beside them so that every rank stops at the same step. Returns whether
+        to stop; raises NonFiniteLossError after train.max_nonfinite non-finite losses in a row.
+        Writes the metrics record when a log step is due or the loop ends here (`final`)."""
+        # This rank's stop request and its count of bad tag values, agreed by every rank.
+        flags = torch.stack([torch.tensor(float(stop), device=self.head.bad_tags.device),
+                             self.head.bad_tags.double()]).to(self.dist.collective_device)
+        if self.dist.world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.dist.group)
+        c = self.counters.read(flags)
+        if c.bad_tags:
+            raise ValueError(f"training data: a batch between steps {self.last_sync_step + 1} and {self.state.step} "
+                             f"held {c.bad_tags} tag value(s) outside [-1, {self.vocab}) or bad tag weights (the "
+                             f"dataset's vocabulary has {self.vocab} hashtags); rebuild the dataset or check "
+                             "head.vocab_size")
+        self.last_sync_step = self.state.step
         s = self.state
-        if not nonfinite:
-            s.nonfinite_in_row = 0
-            return
-        s.skipped += 1
-        s.nonfinite_in_row += 1
-        self.log.note(f"step {s.step}: non-finite loss, update skipped ({s.nonfinite_in_row} in a row)")
-        if s.nonfinite_in_row >= self.cfg.train.max_nonfinite:
+        newly_skipped = c.skipped - s.skipped
+        s.skipped, s.nonfinite_in_row = c.skipped, c.streak
+        if newly_skipped:
+            self.log.note(f"step {s.step}: {newly_skipped} non-finite loss(es) since the last sync, update(s) "
+                          f"skipped ({s.nonfinite_in_row} in a row now)")
+        if c.limit_step >= 0:
             good = s.last_checkpoint or ckpt_mod.latest_checkpoint(self.ckpt_root)
+            limit = self.cfg.train.max_nonfinite
             raise NonFiniteLossError(
-                f"{s.nonfinite_in_row} non-finite losses in a row (train.max_nonfinite="
-                f"{self.cfg.train.max_nonfinite}) at step {s.step}; the last good checkpoint is "
-                f"{good or 'none (no checkpoint was written)'}. Lower optim.base_lr, lengthen optim.warmup_steps "
-                "or use train.precision=bf16/fp32, then resume with --set train.resume=<that checkpoint>")
+                f"{limit} non-finite losses in a row (train.max_nonfinite={limit}) at step {c.limit_step}; the last "
+                f"good checkpoint is {good or 'none (no checkpoint was written)'}. Lower optim.base_lr, lengthen "
+                "optim.warmup_steps or use train.precision=bf16/fp32, then resume with --set train.resume=<that "
+                "checkpoint>")
+        stop_now = c.stop
+        if final or stop_now or self.log.due(s.step):
+            self.log.flush(s.step, c.loss_sum, c.finite, c.steps)
+            self.counters.reset_interval()
+        return stop_now
 
     def save(self) -> str:
         """A checkpoint of the current step (a collective: every rank calls it)."""

@@ -75,10 +75,11 @@ def vocab_slices(vocab_size: int, world_size: int) -> list[tuple[int, int]]:
 
 
 def _check_local(x, weight, tags, tag_weights, bias, label_smoothing, z_loss, reduction,
-                 vocab_size: Optional[int]) -> int:
+                 vocab_size: Optional[int], values: bool = True) -> int:
     """Every check that needs only this process's arguments; raises TypeError/ValueError
     naming the argument. Tags are checked against vocab_size (None: weight's rows are the
-    whole vocabulary; 0: not known on this rank). Returns the largest tag (-1 if none)."""
+    whole vocabulary; 0: not known on this rank). Returns the largest tag (-1 if none).
+    values=False checks types and shapes only, which needs no read-back from the device."""
     for name, t in (("x", x), ("weight", weight), ("tags", tags)):
         if not isinstance(t, Tensor):
             raise TypeError(f"hashtag_ce: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -134,7 +135,7 @@ def _check_local(x, weight, tags, tag_weights, bias, label_smoothing, z_loss, re
         vocab_size = weight.shape[0]
         if vocab_size == 0:
             raise ValueError("hashtag_ce: the vocabulary is empty (weight has no rows)")
-    if tags.numel() == 0:
+    if tags.numel() == 0 or not values:
         return -1
     # The value checks read the data: one device-to-host copy for all of them.
     bad_weights = torch.zeros((), dtype=torch.int64, device=tags.device)
@@ -210,6 +211,17 @@ def validate(x: Tensor, weight: Tensor, tags: Tensor, tag_weights: Optional[Tens
     return _agree(process_group, error, x, weight, tags, bias, highest)
 
 
+def tag_errors(tags: Tensor, tag_weights: Optional[Tensor], vocab_size: int) -> Tensor:
+    """How many values `validate` would reject (tags outside [-1, vocab_size), tag weights
+    negative or not finite where the tag is valid), counted on the device: no read-back.
+    Such values cannot fault the kernels (a tag outside this rank's slice is ignored), so a
+    caller can count them per step and raise at its next sync point."""
+    bad = ((tags < -1) | (tags >= vocab_size)).sum()
+    if tag_weights is not None:
+        bad = bad + (((tag_weights < 0) | ~torch.isfinite(tag_weights)) & (tags >= 0)).sum()
+    return bad
+
+
 def target_weights(tags: Tensor, tag_weights: Optional[Tensor]) -> Tensor:
     """[B, K] fp32 weights, zero at padding; the default puts 1/k on each of a row's k valid tags."""
     valid = tags >= 0
@@ -259,8 +271,10 @@ def _dense_logits(x, weight, bias):
 
 def _dense_targets(tags, tag_weights, vocab):
     q = torch.zeros(tags.shape[0], vocab, device=tags.device, dtype=torch.float32)
-    valid = tags >= 0
-    return q.scatter_add_(1, tags.clamp_min(0).long(), torch.where(valid, tag_weights.float(), 0.0))
+    # Tags past the vocabulary add nothing: with a layout given (checks deferred to `tag_errors`)
+    # they reach here, and an out-of-range index would fault on a GPU.
+    valid = (tags >= 0) & (tags < vocab)
+    return q.scatter_add_(1, torch.where(valid, tags, 0).long(), torch.where(valid, tag_weights.float(), 0.0))
 
 
 class _DenseKernels:
@@ -418,7 +432,7 @@ hashtag_ce_op.register("triton", hashtag_ce_triton, available=backends.triton_st
 def hashtag_ce(x: Tensor, weight: Tensor, tags: Tensor, tag_weights: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, *, label_smoothing: float = 0.0, z_loss: float = 0.0,
                reduction: str = "mean", return_lse: bool = False, process_group=None,
-               backend: Optional[str] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+               backend: Optional[str] = None, layout: Optional[Layout] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Softmax cross-entropy of x W^T + b against the soft targets (tags, tag_weights);
     see the module docstring for the formula, reductions and the distributed layout.
 
@@ -427,9 +441,17 @@ def hashtag_ce(x: Tensor, weight: Tensor, tags: Tensor, tag_weights: Optional[Te
     padding; tag_weights [B, K] >= 0 (ignored at padding), default 1/k per valid tag.
     Returns the loss in fp32 (fp64 for fp64 inputs; scalar for "mean", [B] for "none"), and
     with return_lse also the per-row log-sum-exp [B] (not differentiable). `backend` forces one.
+
+    `layout`: what `validate` returned for inputs of these shapes on every rank (a training
+    loop with a fixed batch). It skips the exchange and the checks that read tag values back
+    from the device, so the call makes no host sync; the caller counts bad values with
+    `tag_errors` instead.
     """
-    layout = validate(x, weight, tags, tag_weights, bias, label_smoothing=label_smoothing, z_loss=z_loss,
-                      reduction=reduction, process_group=process_group)
+    if layout is None:
+        layout = validate(x, weight, tags, tag_weights, bias, label_smoothing=label_smoothing, z_loss=z_loss,
+                          reduction=reduction, process_group=process_group)
+    else:
+        _check_local(x, weight, tags, tag_weights, bias, label_smoothing, z_loss, reduction, 0, values=False)
     loss, lse = hashtag_ce_op(x, weight, tags, target_weights(tags, tag_weights), bias,
                               label_smoothing=float(label_smoothing), z_loss=float(z_loss), reduction=reduction,
                               process_group=process_group, layout=layout, backend=backend)
