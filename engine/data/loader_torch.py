@@ -111,10 +111,41 @@ class TorchBackend:
             self._forked = True
         else:
             batches = iter(self._loader)
+        if self.device.type == "cuda":
+            yield from self._overlapped(batches)
+        else:
+            yield from map(self._prepare, batches)
+
+    def _prepare(self, b: dict) -> dict:
+        images = b["images"].to(self.device, non_blocking=True).float()
+        images = ((images - self._mean) / self._std).to(self.dtype)
+        return {"images": images, "targets": b["targets"].to(self.device, non_blocking=True), "ids": b["ids"]}
+
+    def _overlapped(self, batches: Iterator[dict]) -> Iterator[dict]:
+        """Batch N+1's copy from pinned memory and its normalisation run on a side stream,
+        queued before batch N is handed out, so they overlap the caller's step on batch N
+        instead of queueing behind it on the compute stream."""
+        side = torch.cuda.Stream(self.device)
+        pending = None
         for b in batches:
-            images = b["images"].to(self.device, non_blocking=True).float()
-            images = ((images - self._mean) / self._std).to(self.dtype)
-            yield {"images": images, "targets": b["targets"].to(self.device, non_blocking=True), "ids": b["ids"]}
+            with torch.cuda.stream(side):
+                staged = self._prepare(b)
+                ready = torch.cuda.Event()
+                ready.record(side)
+            if pending is not None:
+                yield self._hand_over(*pending)
+            pending = (staged, ready)
+        if pending is not None:
+            yield self._hand_over(*pending)
+
+    def _hand_over(self, batch: dict, ready) -> dict:
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(ready)
+        for t in (batch["images"], batch["targets"]):
+            # Made on the side stream, used on the compute stream: the allocator must not reuse
+            # their memory until the compute stream is done with them.
+            t.record_stream(compute)
+        return batch
 
     def close(self) -> None:
         self._loader = None
