@@ -57,7 +57,9 @@ FINAL_PARTS = 64
 WGRAD_PROGRAMS_PER_SM = 2
 
 
-def _gemm_config(dtype: torch.dtype, device: torch.device) -> dict:
+def _gemm_config(dtype: torch.dtype, device: torch.device, prologue_operands: int = 1) -> dict:
+    """Tiles of a GEMM whose first operand is computed from `prologue_operands` loaded
+    tiles (the backward's da needs both the gradient and the pre-norm output)."""
     if device.type != "cuda":
         # The interpreter is for tests: 16 (tl.dot's minimum) on every axis, so small test
         # shapes span several tiles and leave ragged edges.
@@ -66,7 +68,10 @@ def _gemm_config(dtype: torch.dtype, device: torch.device) -> dict:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
     # 128 x 128 output tiles with 64-deep operand slices, triple-buffered: the usual
     # Hopper bf16 starting point. Unmeasured here (no GPU); autotuning is part 2's.
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    # Two operand tiles behind da cost 80 KB per stage in the data gradient: 3 stages need
+    # 249 KB of shared memory, over sm_90's 227 KB per block (benchmarks/compile_gate.py).
+    stages = 3 if prologue_operands == 1 else 2
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=stages)
 
 
 def _reduce_config(m: int, c: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -717,7 +722,7 @@ def conv_bn_dgrad_triton(grad: torch.Tensor, a: torch.Tensor, k_g: torch.Tensor,
     k = weight.shape[1]
     m = n * h * w
     dx = _nhwc_empty(n, k, h, w, grad)
-    cfg = _gemm_config(grad.dtype, grad.device)
+    cfg = _gemm_config(grad.dtype, grad.device, prologue_operands=2)
     tiles_m = triton.cdiv(m, cfg["BLOCK_M"])
     has_in = x_in is not None
     part = torch.empty(2, tiles_m, k, device=a.device, dtype=torch.float32) if has_in else dx
@@ -751,7 +756,7 @@ def conv_bn_wgrad_triton(grad: torch.Tensor, a: torch.Tensor, k_g: torch.Tensor,
     n, n_out, ho, wo = a.shape
     _, k, h, w = x.shape
     m = n * ho * wo
-    cfg = _gemm_config(grad.dtype, grad.device)
+    cfg = _gemm_config(grad.dtype, grad.device, prologue_operands=2)
     tiles = triton.cdiv(n_out, cfg["BLOCK_N"]) * triton.cdiv(k, cfg["BLOCK_K"])
     tiles_m = triton.cdiv(m, cfg["BLOCK_M"])
     if grad.device.type == "cuda":

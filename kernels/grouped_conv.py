@@ -73,7 +73,10 @@ def _conv_kernel(
     IN_SCALE, IN_SHIFT, # [K_total] fp32: h = relu(x * scale + shift) on load (PROLOGUE)
     Y,                  # [N, Ho, Wo, C_total] NHWC out
     PART,               # [2, tiles_m, C_total] fp32 out: per row tile, sum and centred sum of squares of Y (STATS)
-    M, Hi, Wi, Ho, Wo, K_total, C_total, Kg, Ng, G,
+    M, Hi, Wi, Ho, Wo, K_total, C_total, G,
+    # Group widths as constants: a runtime width defeats the vectorisation of the loads
+    # (at width 8, 16-byte cp.async become scalar 2-byte loads; compile_gate shows both).
+    Kg: tl.constexpr, Ng: tl.constexpr,
     STRIDE: tl.constexpr, TRANSPOSED: tl.constexpr, PROLOGUE: tl.constexpr, STATS: tl.constexpr,
     GP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -139,7 +142,8 @@ def _wgrad_kernel(
     X,                  # [N, H, W, Cin] NHWC, before the prologue
     IN_SCALE, IN_SHIFT, # [Cin] fp32 (PROLOGUE)
     PART,               # [splits, 9, Cout, Kg] fp32 out: dW per tap over each split's rows
-    M, H, W, Ho, Wo, Cin, Cout, Kg, Ng, G, rows_per_split,
+    M, H, W, Ho, Wo, Cin, Cout, G, rows_per_split,
+    Kg: tl.constexpr, Ng: tl.constexpr,  # group widths, constant as in _conv_kernel
     STRIDE: tl.constexpr, PROLOGUE: tl.constexpr, GP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -200,7 +204,7 @@ def _launch_conv(x, wg, in_scale, in_shift, out_hw, c_out, k_group, n_group, gro
     prologue = in_scale is not None
     _conv_kernel[(tiles_m * tiles_c,)](
         x, wg, in_scale if prologue else y, in_shift if prologue else y, y, part,
-        m, hi, wi, ho, wo, k_total, c_out, k_group, n_group, groups,
+        m, hi, wi, ho, wo, k_total, c_out, groups, k_group, n_group,
         STRIDE=stride, TRANSPOSED=transposed, PROLOGUE=prologue, STATS=stats,
         DOT_PRECISION=_dot_precision(x.dtype), **cfg)
     return y, (part if stats else x.new_empty(0, dtype=torch.float32)), cfg["BLOCK_M"]
@@ -311,7 +315,7 @@ def grouped_conv_wgrad_triton(grad_y: torch.Tensor, x: torch.Tensor, in_scale: t
     prologue = in_scale is not None
     _wgrad_kernel[(tiles, 9, splits)](
         grad_y, x, in_scale if prologue else part, in_shift if prologue else part, part,
-        m, h, w, ho, wo, c_in, c_out, k_group, n_group, groups, rows_per_split,
+        m, h, w, ho, wo, c_in, c_out, groups, rows_per_split, k_group, n_group,
         STRIDE=stride, PROLOGUE=prologue, DOT_PRECISION=_dot_precision(x.dtype), **cfg)
     return part.sum(0).reshape(3, 3, c_out, k_group).permute(2, 3, 0, 1).contiguous()
 

@@ -121,7 +121,9 @@ def _forward_kernel(
         # all at once and skip the per-tag compare-and-select where none falls here.
         in_tile = (tags >= v0) & (tags < v0 + BLOCK_V)
         if tl.max(in_tile.to(tl.int32)) > 0:
-            for k in tl.static_range(K):
+            # A loop, not unrolled: unrolled, all K tags' loads are hoisted next to the
+            # 128 x 128 logits tile and at K = 32 they spill (compile_gate).
+            for k in range(K):
                 tag = tl.load(TAGS + rows * K + k, mask=row_ok, other=-1)
                 weight = tl.load(TW + rows * K + k, mask=row_ok, other=0.0)
                 hit = cols[None, :] == tag[:, None]
@@ -166,7 +168,7 @@ def _grad_logits_kernel(
     first = v0 + pid_v * BLOCK_V
     in_tile = (tags >= first) & (tags < first + BLOCK_V)
     if tl.max(in_tile.to(tl.int32)) > 0:
-        for k in tl.static_range(K):
+        for k in range(K):  # not unrolled, as in _forward_kernel
             tag = tl.load(TAGS + rows * K + k, mask=row_ok, other=-1)
             weight = tl.load(TW + rows * K + k, mask=row_ok, other=0.0)
             hit = (v0 + cols)[None, :] == tag[:, None]
@@ -174,9 +176,14 @@ def _grad_logits_kernel(
     ok = row_ok[:, None] & col_ok[None, :]
     # Padding rows have z = b, whose exp may overflow: select, never multiply, them away.
     g = tl.where(ok, g, 0.0)
-    tl.store(G + rows[:, None] * stride + cols[None, :], g.to(G.dtype.element_ty), mask=ok)
+    # Stored (zeros past VC) up to VC rounded up to 16 columns, which the scratch's width
+    # (a multiple of BLOCK_V) allows: a bound like 17,000 / 8 = 2,125 would otherwise make
+    # the mask vary within a vector and every store a 2-byte one. The GEMMs read G as far.
+    stored = tl.cdiv(VC, 16) * 16
+    tl.store(G + rows[:, None] * stride + cols[None, :], g.to(G.dtype.element_ty),
+             mask=row_ok[:, None] & (cols < stored)[None, :])
     if HAS_BIAS:
-        tl.store(DB + pid_b * stride + cols, tl.sum(g, 0), mask=col_ok)
+        tl.store(DB + pid_b * stride + cols, tl.sum(g, 0), mask=cols < stored)
 
 
 @triton.jit
@@ -186,6 +193,7 @@ def _matmul_kernel(
     C,       # [M, N] row stride stride_cm, out: C = SCALE * A @ B, or C += it when ACCUMULATE
     SCALE,   # [1] fp32
     M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
+    A_M, A_K,  # A is readable, zero past M and K, up to A_M rows and A_K columns (G's 16-padding)
     ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -207,7 +215,7 @@ def _matmul_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + rk) < K
-        a = tl.load(a_ptrs, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=(rm < A_M)[:, None] & ((k0 + rk) < A_K)[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & (rn < N)[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
@@ -256,7 +264,7 @@ def _forward_impl(x, weight, bias, tags, tag_weights, with_logit_sum):
     return stats
 
 
-def _matmul(a, a_strides, bmat, c, scale, m, n, k, accumulate, cfg, precision):
+def _matmul(a, a_strides, a_bounds, bmat, c, scale, m, n, k, accumulate, cfg, precision):
     block_m, block_n = cfg["BLOCK_B"], cfg["BLOCK_V"]
     # dx is only [B, D]: at B=512, D=2048 its 128 x 128 tiles would leave half of an H100's
     # 132 SMs idle through a long reduction over the chunk, so halve the tile rows instead.
@@ -264,7 +272,7 @@ def _matmul(a, a_strides, bmat, c, scale, m, n, k, accumulate, cfg, precision):
         block_m //= 2
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _matmul_kernel[grid](a, bmat, c, scale, m, n, k, a_strides[0], a_strides[1], bmat.stride(0), bmat.stride(1),
-                         c.stride(0), ACCUMULATE=accumulate, BLOCK_M=block_m, BLOCK_N=block_n,
+                         c.stride(0), *a_bounds, ACCUMULATE=accumulate, BLOCK_M=block_m, BLOCK_N=block_n,
                          BLOCK_K=cfg["BLOCK_D"], GROUP_M=8, DOT_PRECISION=precision,
                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -300,6 +308,7 @@ def _backward_impl(x, weight, bias, tags, tag_weights, lse, coef, need_dx, need_
     launch = {key: cfg[key] for key in ("BLOCK_B", "BLOCK_V", "BLOCK_D", "num_warps", "num_stages")}
     for v0 in range(0, v, chunk):
         vc = min(chunk, v - v0)
+        padded = triton.cdiv(vc, 16) * 16  # G's columns as _grad_logits_kernel stores them
         w_chunk = weight[v0:v0 + vc]
         _grad_logits_kernel[(tiles_b, triton.cdiv(vc, cfg["BLOCK_V"]))](
             x, w_chunk, bias[v0:v0 + vc] if bias is not None else w_chunk, tags, tag_weights, lse, coef, g, db_part,
@@ -307,9 +316,9 @@ def _backward_impl(x, weight, bias, tags, tag_weights, lse, coef, need_dx, need_
             K=k, K_POW2=triton.next_power_of_2(k), HAS_BIAS=bias is not None, DOT_PRECISION=precision, **launch)
         if need_dw:
             # G^T is G read with swapped strides: the reduction runs over the batch.
-            _matmul(g, (1, chunk), x, dw[v0:v0 + vc], scale, vc, d, b, False, cfg, precision)
+            _matmul(g, (1, chunk), (padded, b), x, dw[v0:v0 + vc], scale, vc, d, b, False, cfg, precision)
         if need_dx:
-            _matmul(g, (chunk, 1), w_chunk, dx, scale, b, d, vc, True, cfg, precision)
+            _matmul(g, (chunk, 1), (b, padded), w_chunk, dx, scale, b, d, vc, True, cfg, precision)
         if bias is not None:
             db[v0:v0 + vc] = (db_part[:, :vc].sum(0) * scale).to(db.dtype)
     return dx, dw, db
