@@ -177,8 +177,8 @@ def test_run_jobs_contains_crashes_and_goes_on(doubles):
     results = verify.run_jobs(jobs)
     assert [r["status"] for r in results] == ["mismatch", "crash", "pass", "pass", "crash"]
     assert "SIGABRT" in results[1]["detail"]
-    assert results[2]["max_error"] < 1e-6 and results[2]["checked"] == {"outputs": 1, "gradients": 2,
-                                                                        "updated inputs": 0}
+    assert results[2]["max_error"] < 1e-6 and results[2]["checked"] == {"output": 1, "gradient": 2,
+                                                                        "updated input": 0}
 
 
 def test_a_hang_is_a_crash(doubles, monkeypatch):

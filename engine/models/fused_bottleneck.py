@@ -90,18 +90,28 @@ class ConvBNBottleneck(nn.Module):
 
 
 def autotune_fused_blocks(model: nn.Module, sample: Tensor) -> int:
-    """Runs one eager training-mode forward of `model` on `sample` so that every
-    ConvBNBottleneck's grouped 3x3 gets its autotuned implementation (engine.ops.grouped_conv)
-    before torch.compile traces the model or CUDA graphs capture it: neither can time
-    candidates, and an untuned shape would run on cuDNN there. Call it in the step's
-    autocast context, with the step's batch shape. The running statistics and batch
-    counters the forward updates are restored. Returns the number of fused blocks."""
-    blocks = sum(isinstance(m, ConvBNBottleneck) for m in model.modules())
-    if not blocks:
+    """The eager warm-up the training loop runs before torch.compile traces the model or
+    CUDA graphs capture it, neither of which can check or time kernels:
+    1. a training-mode forward on `sample` that queues a check against the reference for
+       every fused op's key (engine.ops.verify; all run in one child process, each
+       verdict cached on disk), and
+    2. when anything was checked, a second forward on the backends that passed. In the
+       last forward every ConvBNBottleneck's grouped 3x3 gets its autotuned implementation
+       (engine.ops.grouped_conv).
+    Without it an unchecked or untuned shape runs the reference under compile or capture.
+    Call it in the step's autocast context, with the step's batch shape. The running
+    statistics and batch counters the forwards update are restored. Returns the number
+    of fused modules (ConvBNBottleneck blocks and BatchNormAct2d norms)."""
+    from engine.ops import verify
+    fused = sum(isinstance(m, (ConvBNBottleneck, BatchNormAct2d)) for m in model.modules())
+    if not fused:
         return 0
     saved = [b.detach().clone() for b in model.buffers()]
-    model(sample)
+    with verify.deferred() as checked:
+        model(sample)
+    if checked:
+        model(sample)
     with torch.no_grad():
         for buffer, value in zip(model.buffers(), saved):
             buffer.copy_(value)
-    return blocks
+    return fused
