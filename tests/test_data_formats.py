@@ -4,7 +4,6 @@ that trains."""
 
 import io
 import json
-import os
 import tarfile
 
 import numpy as np

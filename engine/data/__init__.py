@@ -12,7 +12,9 @@ loaders (DALI, or pure PyTorch).
         ...
     ckpt["data"] = loader.state_dict()   # later: loader.load_state_dict(ckpt["data"])
 
-Submodules: builder (build, BuildConfig), synthetic (synth), vocab, jpeg (validation),
+Submodules: builder (build, BuildConfig: the stages, driven on engines: local or Ray
+Data), metadata (input formats: JSONL, CSV, Parquet, YFCC100M, webdataset tars), scan,
+plan, write (the stages' tasks), engines, synthetic (synth), vocab, jpeg (validation),
 dataset (format, HashtagDataset), sampling (order and randomness), loaders
 (make_*_loader, the batch contract), pipeline_dali, loader_torch, cli.
 Heavy imports (torch, torchvision, DALI) happen on first use.

@@ -355,7 +355,7 @@ def build(config: Union[BuildConfig, dict]) -> dict:
         t = time.monotonic()
         num_shards = (n + cfg.shard_size - 1) // cfg.shard_size
         bins = [part(scan_dir, "part", p, "bin") for p in range(num_parts)]
-        tasks, reused = [], 0
+        todo_shards, reused = [], 0
         for s in range(num_shards):
             done = os.path.join(done_dir, shard_name(s) + ".npz")
             if os.path.isfile(done) and os.path.isfile(os.path.join(shard_dir, shard_name(s) + ".tar")):
@@ -364,10 +364,20 @@ def build(config: Union[BuildConfig, dict]) -> dict:
                         reused += 1
                         continue
                 os.remove(done)
-            tasks.append({"shard": s, "lo": s * cfg.shard_size, "hi": min(n, (s + 1) * cfg.shard_size),
-                          "routes": planned.routes, "bins": bins, "images": images, "counts": planned.counts_path,
-                          "weighting": cfg.weighting, "shard_dir": shard_dir, "done_dir": done_dir, "plan": plan_fp})
-        run_stage(engine, write_mod.write_shard_task, tasks, "write", cfg.progress, num_shards, reused)
+            todo_shards.append([s, s * cfg.shard_size, min(n, (s + 1) * cfg.shard_size)])
+        # Runs of consecutive unfinished shards, at most 64 per task, at least ~4 tasks per worker.
+        per_task = max(1, min(64, len(todo_shards) // (4 * max(1, cfg.workers or (os.cpu_count() or 1)))))
+        runs: list[list] = []
+        for item in todo_shards:
+            if runs and len(runs[-1]) < per_task and runs[-1][-1][0] == item[0] - 1:
+                runs[-1].append(item)
+            else:
+                runs.append([item])
+        tasks = [{"shards": r, "routes": planned.routes, "bins": bins, "images": images,
+                  "counts": planned.counts_path, "weighting": cfg.weighting, "shard_dir": shard_dir,
+                  "done_dir": done_dir, "plan": plan_fp} for r in runs]
+        run_stage(engine, write_mod.write_shards_task, tasks, "write", cfg.progress, num_shards, reused,
+                  weight=lambda r: r["shards"])
         stages["write"] = time.monotonic() - t
         peak = dict(engine.peak_rss)
     for name in os.listdir(shard_dir):  # shards of an older, larger plan
@@ -419,7 +429,7 @@ def build(config: Union[BuildConfig, dict]) -> dict:
     stages["finalize"] = time.monotonic() - t
     peak["driver"] = peak_rss_bytes()
     run = dict(report)
-    run["shards"] = dict(report["shards"], written=len(tasks), reused=reused)
+    run["shards"] = dict(report["shards"], written=len(todo_shards), reused=reused)
     run["seconds"] = {"read": round(t_read, 3), **{k_: round(v, 3) for k_, v in stages.items()},
                       "total": round(time.monotonic() - t0, 3)}
     run["engine"] = cfg.engine

@@ -163,17 +163,20 @@ def todo(tasks: list, out_key: str = "out") -> list:
     return [t for t in tasks if not os.path.isfile(t[out_key])]
 
 
-def run_stage(engine, fn: Callable, tasks: list, desc: str, enabled: bool, total: int, initial: int = 0,
-              weight: Callable = lambda r: 1, note: Optional[Callable] = None) -> list:
-    """fn over tasks on the engine, one progress line for the stage across the cluster;
-    `note(result)` returns text shown after the bar (e.g. rejections by reason)."""
+def stream_stage(engine, fn: Callable, tasks: list, desc: str, enabled: bool, total: int, initial: int = 0,
+                 weight: Callable = lambda r: 1, note: Optional[Callable] = None) -> Iterator:
+    """fn over tasks on the engine, yielding results as they come, with one progress
+    line for the stage across the cluster; `note(result)` returns text shown after the
+    bar (e.g. rejections by reason)."""
     from engine.data._progress import Progress
 
-    results = []
     with Progress(total, desc, enabled=enabled, initial=initial) as bar:
         for r in engine.map(fn, tasks):
-            results.append(r)
             if note is not None:
                 bar.note = note(r)
             bar.update(weight(r))
-    return results
+            yield r
+
+
+def run_stage(*args, **kwargs) -> list:
+    return list(stream_stage(*args, **kwargs))

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.data import vocab as vocab_mod
-from engine.data.engines import run_stage, todo
+from engine.data.engines import run_stage, stream_stage, todo
 
 KEPT, SKIPPED, IN_EVAL, DUPLICATE = 0, 1, 2, 3
 REPORT_MAX_KEYS = 10000
@@ -213,10 +213,16 @@ def vocab_bucket(task: dict) -> dict:
     return {"bucket": task["bucket"], "distinct": len(total), "top": ranked[: task["k"]]}
 
 
-def merge_vocab(results: list[dict], k: int) -> tuple[list[str], list[int], int]:
-    """(hashtags, counts, distinct) from every bucket's top K."""
-    ranked = sorted((kv for r in results for kv in r["top"]), key=lambda kv: (-kv[1], kv[0]))[:k]
-    return [t for t, _ in ranked], [c for _, c in ranked], sum(r["distinct"] for r in results)
+def merge_vocab(results, k: int) -> tuple[list[str], list[int], int]:
+    """(hashtags, counts, distinct) from every bucket's top K, folded as they arrive:
+    K candidates held, not buckets x K (a tag lives in one bucket, so the order is total
+    and the arrival order does not matter)."""
+    ranked: list = []
+    distinct = 0
+    for r in results:
+        distinct += r["distinct"]
+        ranked = sorted(ranked + r["top"], key=lambda kv: (-kv[1], kv[0]))[:k]
+    return [t for t, _ in ranked], [c for _, c in ranked], distinct
 
 
 # ---------------------------------------------------------------- final rows
@@ -393,10 +399,9 @@ def run_plan(engine, spec: PlanSpec) -> PlanResult:
     ):
         tasks = todo(tasks)
         run_stage(engine, fn, tasks, desc, spec.progress, len(tasks))
-    vocab_results = run_stage(engine, vocab_bucket, [{"bucket": b, "counts": counts, "min_count": spec.min_count,
-                                                      "k": spec.k} for b in range(spec.buckets)],
-                              "vocab", spec.progress, spec.buckets)
-    hashtags, _, distinct = merge_vocab(sorted(vocab_results, key=lambda r: r["bucket"]), spec.k)
+    hashtags, _, distinct = merge_vocab(stream_stage(
+        engine, vocab_bucket, [{"bucket": b, "counts": counts, "min_count": spec.min_count, "k": spec.k}
+                               for b in range(spec.buckets)], "vocab", spec.progress, spec.buckets), spec.k)
     vocab_path = os.path.join(spec.plan_dir, "vocab.json")
     with open(vocab_path + ".tmp", "w", encoding="utf-8") as f:
         json.dump({"hashtags": hashtags}, f, ensure_ascii=False)

@@ -1,7 +1,7 @@
 """Build stages 3 and 4, write and finalize.
 
-write: one task per shard. It takes its samples from every part's route file (a
-position range of each, engine.data.plan), reads the bytes (the source file or
+write: one task per run of consecutive shards. It takes their samples from every
+part's route file (a position range of each, engine.data.plan), reads the bytes (the source file or
 tar, or a re-encoded copy in the scan's .bin), checks their sha256 against the
 scan, writes the tar and DALI index to temporary names and renames them, then its
 slice of the global index to .build/shards/shard-N.npz, written last: a finished
@@ -29,17 +29,28 @@ class BuildError(RuntimeError):
     pass
 
 
-def write_shard_task(task: dict) -> dict:
+def write_shards_task(task: dict) -> dict:
+    """A run of consecutive shards: each part's route file is opened and sliced once for
+    the whole run (at 3.5B rows there are thousands of parts and hundreds of thousands
+    of shards), then each shard is written."""
     import pyarrow as pa
 
-    slices = [s for s in (plan_mod.read_route_range(p, task["lo"], task["hi"]) for p in task["routes"]) if s]
+    shards = task["shards"]  # [[shard, lo, hi], ...], consecutive
+    lo, hi = shards[0][1], shards[-1][2]
+    slices = [s for s in (plan_mod.read_route_range(p, lo, hi) for p in task["routes"]) if s]
     table = pa.Table.from_batches(slices).combine_chunks() if slices else None
-    if table is None or table.num_rows != task["hi"] - task["lo"]:
-        raise BuildError(f"shard {task['shard']}: the plan routes {0 if table is None else table.num_rows} samples "
-                         f"to it, expected {task['hi'] - task['lo']}")
+    if table is None or table.num_rows != hi - lo:
+        raise BuildError(f"shards {shards[0][0]}-{shards[-1][0]}: the plan routes "
+                         f"{0 if table is None else table.num_rows} samples to them, expected {hi - lo}")
     table = table.take(pa.compute.sort_indices(table, [("pos", "ascending")]))
-    cols = table.to_pydict()
     counts = np.load(task["counts"])
+    for shard, s_lo, s_hi in shards:
+        _write_one(task, shard, s_lo, table.slice(s_lo - lo, s_hi - s_lo), counts)
+    return {"shards": len(shards), "samples": table.num_rows}
+
+
+def _write_one(task: dict, shard: int, lo: int, table, counts: np.ndarray) -> None:
+    cols = table.to_pydict()
     items = []
     for j in range(table.num_rows):
         if cols["blob_size"][j] >= 0:
@@ -59,11 +70,11 @@ def write_shard_task(task: dict) -> dict:
             raise BuildError(f"{os.path.join(task['images'], cols['path'][j])} changed since the build scanned it; "
                              "rerun the build with overwrite=True (--overwrite)")
         items.append((data, np.asarray(cols["tags"][j], dtype=np.int32)))
-    tar_path = os.path.join(task["shard_dir"], shard_name(task["shard"]) + ".tar")
-    idx_path = os.path.join(task["shard_dir"], shard_name(task["shard"]) + ".idx")
-    offsets, sizes = write_shard(tar_path, idx_path, task["lo"], items)
+    tar_path = os.path.join(task["shard_dir"], shard_name(shard) + ".tar")
+    idx_path = os.path.join(task["shard_dir"], shard_name(shard) + ".idx")
+    offsets, sizes = write_shard(tar_path, idx_path, lo, items)
     tags = cols["tags"]
-    done = os.path.join(task["done_dir"], shard_name(task["shard"]) + ".npz")
+    done = os.path.join(task["done_dir"], shard_name(shard) + ".npz")
     with open(done + ".tmp", "wb") as f:
         np.savez(
             f, offsets=offsets, sizes=sizes, height=np.asarray(cols["height"], np.int32),
@@ -78,7 +89,6 @@ def write_shard_task(task: dict) -> dict:
     delay = float(os.environ.get("ENGINE_DATA_TEST_SHARD_DELAY", "0") or 0)  # tests: widen the kill window
     if delay:
         time.sleep(delay)
-    return {"shard": task["shard"], "samples": table.num_rows}
 
 
 def write_index(out: str, done_dir: str, num_shards: int, n: int, total_tags: int) -> int:
