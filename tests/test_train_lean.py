@@ -195,3 +195,15 @@ def test_one_rank_signalled_every_rank_stops_at_the_same_step(tmp_path):
     results = [json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in range(2)]
     assert results == [{"status": "preempted", "step": 8}] * 2
     assert (tmp_path / "run" / "checkpoints" / "step_00000008").is_dir()
+
+
+def test_lean_step_benchmark_smoke_counts_reads_per_variant(tmp_path):
+    from benchmarks.bench_lean_step import main
+
+    out = tmp_path / "lean.json"
+    assert main(["--smoke", "--steps", "4", "--out", str(out)]) == 0
+    lean, before = json.loads(out.read_text())["rows"]
+    # Four timed steps: the lean loop reads back once (its one sync point), the old loop at every step
+    # (the skip decision and the sync point).
+    assert lean["host_reads_per_step"] == 0.25 and before["host_reads_per_step"] == 2.0
+    assert lean["step_ms"] > 0 and before["step_ms"] > 0
