@@ -207,3 +207,22 @@ def test_lean_step_benchmark_smoke_counts_reads_per_variant(tmp_path):
     # (the skip decision and the sync point).
     assert lean["host_reads_per_step"] == 0.25 and before["host_reads_per_step"] == 2.0
     assert lean["step_ms"] > 0 and before["step_ms"] > 0
+
+
+def test_tensorboard_event_files_hold_the_logged_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from engine.config import TrainConfig
+
+    assert TrainConfig().tensorboard  # on by default (the demo's `tiny` preset keeps the default)
+    trainer = make_trainer(tmp_path, "train.steps=6", "train.log_every=3", "train.tensorboard=true")
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [3, 6]
+    assert [e.value for e in losses] == pytest.approx([h["loss"] for h in summary["history"]])
+    assert {"train/img_per_s", "train/data_wait", "train/lr"} <= set(events.Tags()["scalars"])
