@@ -38,18 +38,25 @@ class _Call:
 
 
 class LocalEngine:
+    """A process pool, started at the first stage that has more than one task and kept
+    for the following stages (a worker imports torch, pyarrow and DALI once per build)."""
+
     name = "local"
 
     def __init__(self, workers: int = 0, start_method: str = "auto"):
         self.workers = workers if workers > 0 else (os.cpu_count() or 1)
         self.start_method = start_method
         self.peak_rss: dict[int, int] = {}  # pid -> peak bytes, over every task run so far
+        self._pool = None
 
     def __enter__(self) -> "LocalEngine":
         return self
 
     def __exit__(self, *exc) -> None:
-        pass
+        if self._pool is not None:
+            self._pool.terminate()  # the stages are over; terminate also ends a pool left by an error
+            self._pool.join()
+            self._pool = None
 
     def map(self, fn: Callable, tasks: list) -> Iterator:
         """fn over tasks, in subprocesses when workers > 1; yields results as they come."""
@@ -58,14 +65,15 @@ class LocalEngine:
             for t in tasks:
                 yield self._note(call(t))
             return
-        import multiprocessing as mp
+        if self._pool is None:
+            import multiprocessing as mp
 
-        from engine.data.scan import worker_init
+            from engine.data.scan import worker_init
 
-        ctx = mp.get_context(_start_method(self.start_method))
-        with ctx.Pool(min(self.workers, len(tasks)), initializer=worker_init) as pool:
-            for r in pool.imap_unordered(call, tasks):
-                yield self._note(r)
+            ctx = mp.get_context(_start_method(self.start_method))
+            self._pool = ctx.Pool(self.workers, initializer=worker_init)
+        for r in self._pool.imap_unordered(call, tasks):
+            yield self._note(r)
 
     def _note(self, r: dict):
         self.peak_rss[r["pid"]] = max(self.peak_rss.get(r["pid"], 0), r["peak_rss"])
