@@ -1,5 +1,6 @@
-"""`python -m engine.info` (or `engine info`): versions, devices, and per op which
-backends can run here and, for each that cannot, why."""
+"""`python -m engine.info` (or `engine info`): versions, devices, per op which backends
+can run here and, for each that cannot, why, and the verdicts of the checks against the
+reference cached for this build (engine.ops.verify): failures with their reasons."""
 
 from __future__ import annotations
 
@@ -24,6 +25,22 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def verdicts() -> dict:
+    """Per op: how many cached keys passed their check, and each failure (key, status, why)."""
+    from engine.ops.autotune import default_tuner
+    out: dict = {}
+    tuner = default_tuner()
+    for key, verdict in sorted(tuner.verdicts().items()):
+        device, op, backend = key.split("|")[:3]
+        entry = out.setdefault(op, {"passed": 0, "failed": []})
+        if verdict["status"] == "pass":
+            entry["passed"] += 1
+        else:
+            entry["failed"].append({"device": device, "backend": backend, "key": key, "status": verdict["status"],
+                                    "detail": verdict["detail"]})
+    return {"cache": str(tuner.path), "ops": out}
+
+
 def collect() -> dict:
     cuda = torch.cuda.is_available()
     ext = backends.load_extension()
@@ -45,6 +62,7 @@ def collect() -> dict:
             "why_not": backends.extension_status(),
         },
         "ops": {name: {"why_not": op.availability(), "runs_on": op.scopes()} for name, op in sorted(REGISTRY.items())},
+        "verdicts": verdicts(),
     }
 
 
@@ -65,6 +83,14 @@ def format_report(info: dict) -> str:
             why = op["why_not"][backend]
             state = f"usable on {op['runs_on'][backend]}" if why is None else f"not usable: {why}"
             lines.append(f"    {backend:<10} {state}")
+    checked = info["verdicts"]
+    lines.append(f"checks against the reference (cached in {checked['cache']}):")
+    if not checked["ops"]:
+        lines.append("  none yet for this build (they run on a device before a fused kernel serves a shape)")
+    for name, entry in checked["ops"].items():
+        lines.append(f"  {name}: {entry['passed']} passed, {len(entry['failed'])} failed")
+        for failure in entry["failed"]:
+            lines.append(f"    {failure['status']}: {failure['key']}: {failure['detail']}")
     return "\n".join(lines)
 
 

@@ -109,6 +109,15 @@ def test_wrong_and_crashing_backends_are_skipped_with_reasons(doubles, monkeypat
     # Each call's fused backends are checked together, one batch of checks per new key.
     assert spawns == [[("double_wrong", "cuda"), ("double_wrong", "triton")],
                       [("double_grads", "cuda"), ("double_grads", "triton")]]
+    # `engine info` lists the failures with their reasons.
+    from engine.info import collect, format_report
+    info = collect()
+    failed = {f["backend"]: f for f in info["verdicts"]["ops"]["double_wrong"]["failed"]}
+    assert failed["cuda"]["status"] == "crash" and failed["triton"]["status"] == "mismatch"
+    assert info["verdicts"]["ops"]["double_grads"] == {"passed": 1, "failed": [failed_grads := info["verdicts"][
+        "ops"]["double_grads"]["failed"][0]]} and failed_grads["backend"] == "cuda"
+    report = format_report(info)
+    assert "double_wrong: 0 passed, 2 failed" in report and "killed by SIGABRT" in report
     # ENGINE_LOG_DISPATCH prints the decision with the reasons.
     monkeypatch.setenv("ENGINE_LOG_DISPATCH", "1")
     capfd.readouterr()
