@@ -302,3 +302,27 @@ def test_digest_covers_every_kernel_source_the_glue_and_the_extension(tmp_path):
         assert autotune._kernel_digest(copies) != before, copy.name
         copy.write_bytes(data)
     assert autotune._kernel_digest(copies) == before
+
+
+def test_grouped_conv_tuner_candidates_are_checked(monkeypatch, tmp_path):
+    """The checker the grouped 3x3's autotuner passes as `verify`: each Triton span and the
+    direct kernel run on the tuner's shapes in one child and pass; a broken variant fails."""
+    monkeypatch.setenv("ENGINE_VERIFY", "1")
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
+    verify.forget_memory()
+    spawns = _spawns(monkeypatch)
+    check = verify.grouped_conv_checker((2, 8, 5, 4), torch.float32, torch.device("cpu"), 8, 2, 4, True, True, True)
+    out = check(["reference", "triton:16", "cuda"])
+    assert out == {"reference": None, "triton:16": None, "cuda": None} and len(spawns) == 1
+    monkeypatch.setattr(verify, "CHILD_SETUP", [f"{__name__}:_break_grouped_conv_wgrad"])
+    verify.forget_memory()
+    broken = verify.grouped_conv_checker((2, 8, 5, 4), torch.float32, torch.device("cpu"), 8, 2, 4, True, True,
+                                         True)(["triton:32"])
+    assert "mismatch" in broken["triton:32"] and "gradient 1" in broken["triton:32"]
+    verify.forget_memory()
+
+
+def _break_grouped_conv_wgrad():
+    from engine.ops import grouped_conv
+    real = grouped_conv.conv_wgrad
+    grouped_conv.conv_wgrad = lambda *a, **k: real(*a, **k) * 1.1

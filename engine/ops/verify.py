@@ -249,6 +249,20 @@ def candidates_checker(op_name: str, args, kwargs) -> Callable[[list[str]], dict
     return run
 
 
+def grouped_conv_checker(shape, dtype: torch.dtype, device: torch.device, c_out: int, stride: int, groups: int,
+                         prologue: bool, stats: bool, train: bool) -> Callable[[list[str]], dict[str, Optional[str]]]:
+    """candidates_checker for engine.ops.grouped_conv's autotuner, from the arguments of its
+    tuned_choice: the timing inputs' shapes, dtypes and layouts (the values are the check's)."""
+    n, c, h, w = shape
+    x = torch.empty(shape, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
+    weight = torch.empty(c_out, c // groups, 3, 3, device=device)
+    scale = torch.empty(c, device=device).requires_grad_(train) if prologue else None
+    shift = torch.empty(c, device=device).requires_grad_(train) if prologue else None
+    return candidates_checker("grouped_conv3x3", (x.requires_grad_(train), weight.requires_grad_(train)),
+                              {"stride": stride, "groups": groups, "in_scale": scale, "in_shift": shift,
+                               "stats": stats})
+
+
 # ------------------------------------------------------------------ jobs and the child
 
 def _spec(value):
