@@ -59,8 +59,7 @@ def device_path(monkeypatch, tmp_path):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_compiled_fused_model_calls_the_fused_kernels_after_warm_up(device_path, monkeypatch, dynamic):
+def test_compiled_fused_model_calls_the_fused_kernels_after_warm_up(device_path, monkeypatch):
     model = _model()
     norms = sum(isinstance(m, BatchNormAct2d) for m in model.modules())
     spawns = []
@@ -70,18 +69,20 @@ def test_compiled_fused_model_calls_the_fused_kernels_after_warm_up(device_path,
     # Every distinct bn_act key, both fused backends, checked in one child.
     assert len(spawns) == 1 and spawns[0] >= 2
     monkeypatch.setattr(verify, "run_jobs", lambda *a, **k: pytest.fail("a check ran while tracing"))
-    seen = []
-    compiled = torch.compile(model, backend=_graph_recorder(seen), dynamic=dynamic)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        x = _batch(2)
-        eager = model(x)
-        out = compiled(x)
-    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
-    # Each block's norms ran on the first backend in the order, the extension's kernel (its C++ loop here).
-    calls = [t for graph in seen for t in graph if "bn_act" in t]
-    assert calls == ["engine.bn_act_fwd_cuda.default"] * norms, calls
-    assert bn_act_op.last_decision.backend == "cuda"
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        seen = []
+        compiled = torch.compile(model, backend=_graph_recorder(seen), dynamic=dynamic)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            x = _batch(2)
+            eager = model(x)
+            out = compiled(x)
+        torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+        # Each block's norms ran on the first backend in the order: the extension's kernel (its C++ loop here).
+        calls = [t for graph in seen for t in graph if "bn_act" in t]
+        assert calls == ["engine.bn_act_fwd_cuda.default"] * norms, (dynamic, calls)
+        assert bn_act_op.last_decision.backend == "cuda"
 
 
 def test_compiled_without_warm_up_runs_the_reference_and_says_so(device_path, monkeypatch):
