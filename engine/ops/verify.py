@@ -269,7 +269,7 @@ def _spec(value):
     """A picklable recipe for a like argument: tensors by shape, dtype, layout and grad."""
     if isinstance(value, Tensor):
         return ("tensor", tuple(value.shape), value.dtype, _layout(value),
-                bool(value.requires_grad and torch.is_grad_enabled()), value.device.type)
+                bool(value.requires_grad and torch.is_grad_enabled()), str(value.device))
     if isinstance(value, tuple) and hasattr(value, "_fields"):
         return ("namedtuple", f"{type(value).__module__}:{type(value).__qualname__}", [_spec(v) for v in value])
     if isinstance(value, (tuple, list)):
@@ -387,20 +387,22 @@ def _fill(name: Optional[str], spec, gen: torch.Generator, named: dict, upcast: 
     """Seeded values an op accepts: a positive variance and scale, valid tags, weights over them.
     `upcast`: half-precision tensors in fp32, holding the same (rounded) values."""
     shape, dtype, layout, grad, device = spec[1:]
-    kw = dict(dtype=dtype, device=device, generator=gen)
+    # Drawn on the CPU (a generator serves one device), then placed and rounded: the same
+    # values on any device.
     if name == "tags":
         rows = named["weight"].shape[0]
-        t = torch.randint(-1, rows, shape, **kw)
-        t[:, 0] = torch.randint(0, rows, (shape[0],), dtype=dtype, device=device, generator=gen)
+        t = torch.randint(-1, rows, shape, generator=gen)
+        t[:, 0] = torch.randint(0, rows, (shape[0],), generator=gen)
     elif name == "tag_weights":
-        valid = (named["tags"] >= 0).to(dtype)
+        valid = (named["tags"].cpu() >= 0).float()
         t = valid / valid.sum(1, keepdim=True).clamp(min=1)
     elif not dtype.is_floating_point:
-        t = torch.randint(0, 2, shape, **kw)
+        t = torch.randint(0, 2, shape, generator=gen)
     elif name in ("running_var", "in_scale"):
-        t = torch.rand(shape, **kw).add_(0.5)
+        t = torch.rand(shape, generator=gen).add_(0.5)
     else:
-        t = torch.randn(shape, **kw)
+        t = torch.randn(shape, generator=gen)
+    t = t.to(device=device, dtype=dtype)
     if upcast and dtype in (torch.float16, torch.bfloat16):
         t = t.float()
     if layout == "nhwc":
