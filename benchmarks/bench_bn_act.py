@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from benchmarks.common import environment, plot_results, time_ms, write_json
+from benchmarks.common import (compile_fresh, compiled_frames, environment, peers_at_best, plot_results, row_settings,
+                               time_ms, write_json)
 from engine.ops import BackendUnavailableError, bn_act, bn_act_reference
 
 # (name, N, C, H, W): batch 256, the bottleneck width (= output channels for 32x8d) per stage.
@@ -44,16 +45,17 @@ def make_case(shape, dtype, device, residual):
     return x, res, w, b, rm, rv, grad
 
 
-def implementations(smoke: bool):
-    compile_backend = "aot_eager" if smoke else "inductor"
-    compiled = torch.compile(bn_act_reference, backend=compile_backend)
-    impls = {
-        "eager": lambda *a, **k: bn_act_reference(*a, **k),
-        f"compile[{compile_backend}]": lambda *a, **k: compiled(*a, **k),
-        "triton": lambda *a, **k: bn_act(*a, backend="triton", **k),
-        "cuda": lambda *a, **k: bn_act(*a, backend="cuda", **k),
+def implementations(compile_backend: str):
+    """name -> (a fresh callable for one shape, its compile backend or None). The compiled
+    peer is compiled anew for every shape with static shapes, as a user compiling a model
+    of that shape gets it (one shared compiled function would go dynamic after its first
+    shape, then eager at dynamo's recompile limit)."""
+    return {
+        "eager": (lambda: bn_act_reference, None),
+        f"compile[{compile_backend}]": (lambda: compile_fresh(bn_act_reference, compile_backend), compile_backend),
+        "triton": (lambda: lambda *a, **k: bn_act(*a, backend="triton", **k), None),
+        "cuda": (lambda: lambda *a, **k: bn_act(*a, backend="cuda", **k), None),
     }
-    return impls
 
 
 def main(argv=None) -> int:
@@ -71,14 +73,18 @@ def main(argv=None) -> int:
     stages = SMOKE_STAGES if smoke else STAGES
     payload = {"benchmark": "bn_act", "environment": environment(), "dtype": str(dtype), "layout": "channels_last",
                "training": True, "smoke": smoke, "results": []}
-    impls = implementations(smoke)
+    peers_at_best()
+    impls = implementations("aot_eager" if smoke else "inductor")
     for stage, *shape in stages:
         for epilogue, residual in EPILOGUES.items():
             fwd_bytes, bwd_bytes = min_bytes(shape, torch.tensor([], dtype=dtype).element_size(), residual)
             eager_ms = None
-            for name, fn in impls.items():
+            for name, (make, compile_backend) in impls.items():
+                fn = make()
                 x, res, w, b, rm, rv, grad = make_case(shape, dtype, device, residual)
-                row = {"stage": stage, "shape": shape, "epilogue": epilogue, "impl": name}
+                row = {"stage": stage, "shape": shape, "epilogue": epilogue, "impl": name,
+                       "settings": row_settings(warmup=warmup, repeats=repeat, compile=compile_backend,
+                                                dynamic=False if compile_backend else None)}
 
                 def forward():
                     return fn(x, rm, rv, w, b, True, 0.1, 1e-5, residual=res, relu=True)
@@ -91,6 +97,8 @@ def main(argv=None) -> int:
                     with torch.no_grad():
                         fwd = time_ms(forward, warmup=warmup, repeat=repeat)
                     both = time_ms(forward_backward, warmup=warmup, repeat=repeat)
+                    if compile_backend:
+                        row["settings"].update(compiled_frames())
                 except (BackendUnavailableError, RuntimeError) as e:
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
                     print(f"{stage} {epilogue:<12} {name:<20} skipped: {row['error']}", flush=True)

@@ -37,7 +37,8 @@ if ARGS is not None and ARGS.smoke:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import environment, plot_results, time_ms, write_json  # noqa: E402
+from benchmarks.common import (compile_fresh, compiled_frames, environment, peers_at_best, plot_results,  # noqa: E402
+                               row_settings, time_ms, write_json)
 from engine.models.fused_bottleneck import ConvBNBottleneck  # noqa: E402
 
 # name -> (cardinality, base width)
@@ -95,15 +96,16 @@ def main(argv=None) -> int:
     def autocast():
         return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
+    peers_at_best()
     for arch, (groups, base_width) in archs.items():
         for stage_index, stage, planes, resolution in stages:
             for kind in [k for k in args.kinds.split(",") if k]:
                 inplanes, stride, in_res = block_shapes(stage_index, planes, resolution, kind)
                 torchvision_block, fused = make_blocks(inplanes, planes, stride, groups, base_width, device)
-                # A fresh dynamo cache per case: every case is a new shape of the same forward code.
-                torch._dynamo.reset()
+                compiled_name = f"compile[{compile_backend}]"
+                # Compiled fresh per case with static shapes: every case is a new shape of the same code.
                 impls = {"eager": torchvision_block,
-                         f"compile[{compile_backend}]": torch.compile(torchvision_block, backend=compile_backend),
+                         compiled_name: compile_fresh(torchvision_block, compile_backend),
                          "conv_bn[triton]": fused}
                 x = torch.randn(batch, inplanes, in_res, in_res, device=device, dtype=input_dtype)
                 x = x.to(memory_format=torch.channels_last).requires_grad_()
@@ -114,7 +116,10 @@ def main(argv=None) -> int:
                 for name, block in impls.items():
                     row = {"arch": arch, "stage": stage, "kind": kind, "impl": name,
                            "shape": [batch, inplanes, in_res, in_res], "stride": stride, "groups": groups,
-                           "width": fused.conv1.out_channels}
+                           "width": fused.conv1.out_channels,
+                           "settings": row_settings(warmup=warmup, repeats=repeat,
+                                                    compile=compile_backend if name == compiled_name else None,
+                                                    dynamic=False if name == compiled_name else None)}
 
                     def forward(block=block):
                         with autocast():
@@ -130,6 +135,8 @@ def main(argv=None) -> int:
                             row["max_abs_diff_vs_eager"] = (forward().float() - reference.float()).abs().max().item()
                             fwd = time_ms(forward, warmup=warmup, repeat=repeat)
                         both = time_ms(forward_backward, warmup=warmup, repeat=repeat)
+                        if name == compiled_name:
+                            row["settings"].update(compiled_frames())
                     except (RuntimeError, ValueError) as e:  # a backend that cannot run here, out of memory
                         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
                         print(f"{arch} {stage} {kind:<5} {name:<20} skipped: {row['error']}", flush=True)

@@ -31,6 +31,8 @@ import json
 import os
 
 MB = 1 << 20
+# The compiled peer: inductor, the backend users compile with.
+COMPILE_BACKEND = "inductor"
 TARGETS = [  # (what, B, V, K, metric, limit or the peer to beat)
     ("V=1M time", 512, 1_048_576, 3, "ms", 9.5),
     ("V=1M memory", 512, 1_048_576, 3, "extra_mb", 64.0),
@@ -66,7 +68,8 @@ if ARGS.smoke:
 
 import torch  # noqa: E402
 
-from benchmarks.common import REPO, environment, time_ms, write_json  # noqa: E402
+from benchmarks.common import (REPO, compile_fresh, compiled_frames, environment, peers_at_best,  # noqa: E402
+                               row_settings, time_ms, write_json)
 from engine.ops import hashtag_ce  # noqa: E402
 from engine.ops.hashtag_ce import hashtag_ce_reference, target_weights  # noqa: E402
 
@@ -101,7 +104,8 @@ def build_step(method, x, weight, tags):
         def reference(x, weight):
             return hashtag_ce_reference(x, weight, tags, tw)[0]
 
-        fn = torch.compile(reference) if method == "compile" else reference
+        # Compiled fresh for each case with static shapes, as a model of that shape would be.
+        fn = compile_fresh(reference, COMPILE_BACKEND) if method == "compile" else reference
         return lambda: fn(x, weight).backward()
     if k != 1:
         return "hard targets only: measured at K=1"
@@ -182,6 +186,7 @@ def main():
     if device.type != "cuda":
         payload["unmeasured"] = "no CUDA device: times are CPU (interpreter) times, memory is not measured, " \
                                 "and the targets, liger and cce are not evaluated"
+    peers_at_best()
     for b, v, k in cases:
         for method in args.methods:
             row = {"B": b, "V": v, "K": k, "method": method}
@@ -191,8 +196,14 @@ def main():
             if isinstance(step, str):
                 row["skipped"] = step
             else:
+                compiled = method == "compile"
+                row["settings"] = row_settings(warmup=args.warmup, repeats=args.repeats,
+                                               compile=COMPILE_BACKEND if compiled else None,
+                                               dynamic=False if compiled else None)
                 try:
                     row.update(measure(step, [x, weight], args.warmup, args.repeats))
+                    if compiled:
+                        row["settings"].update(compiled_frames())
                 except torch.OutOfMemoryError as e:
                     row["skipped"] = f"out of memory: {str(e).splitlines()[0]}"
                 except Exception as e:  # a peer failing must not lose the other measurements

@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import torch
 
-from benchmarks.common import environment, plot_results, write_json
+from benchmarks.common import environment, peers_at_best, plot_results, row_settings, write_json
 from engine.bench import VARIANTS, measure
 
 # (model, batch): the design's peer measurements on one H200 and the fused bottleneck's
@@ -43,14 +43,23 @@ def main(argv=None) -> int:
                     compile_backend="aot_eager" if smoke else "inductor")
     payload = {"benchmark": "train_step", "environment": environment(), "smoke": smoke,
                "settings": {k: str(v) for k, v in settings.items()}, "results": []}
+    peers_at_best()
     for model, batch in cases:
         for variant in variants:
+            compiled = settings["compile_backend"] if variant.endswith("-compile") else None
+            row_config = row_settings(warmup=settings["warmup"], repeats=settings["steps"], compile=compiled,
+                                      dynamic=False if compiled else None)
             try:
-                row = asdict(measure(variant, model, batch_size=batch, **settings))
+                result = asdict(measure(variant, model, batch_size=batch, **settings))
+                row_config.update(frames_compiled=result.pop("frames_compiled"),
+                                  graph_breaks=result.pop("graph_breaks"))
+                for key in ("warmup", "cudnn_benchmark", "compile", "dynamic"):
+                    result.pop(key)
+                row = {**result, "settings": row_config}
                 print(f"{model} b{batch} {variant:<20} {row['images_per_s']:9.1f} img/s  {row['step_ms']:8.1f} ms",
                       flush=True)
             except (RuntimeError, ValueError) as e:  # out of memory, a compile failure: recorded, not fatal
-                row = {"variant": variant, "model": model, "batch_size": batch,
+                row = {"variant": variant, "model": model, "batch_size": batch, "settings": row_config,
                        "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
                 print(f"{model} b{batch} {variant:<20} failed: {row['error']}", flush=True)
                 if device.type == "cuda":

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
+from engine.bench import compile_fresh, compiled_frames  # noqa: F401 (shared by the benchmarks)
 from engine.ops.autotune import cuda_timer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,6 +40,20 @@ def environment() -> dict:
         "extension": info["extension"], "git_revision": git_revision(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def peers_at_best() -> None:
+    """Every peer at the setting its users run: cuDNN's benchmark mode times each
+    convolution shape's algorithms once and keeps the fastest (our grouped 3x3 is
+    autotuned against cuDNN, so cuDNN gets the same chance)."""
+    torch.backends.cudnn.benchmark = True
+
+
+def row_settings(*, warmup: int, repeats: int, compile: Optional[str] = None, dynamic: Optional[bool] = None,
+                 **extra) -> dict:
+    """The settings a result row was measured under, recorded in the row itself."""
+    return {"cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "compile": compile, "dynamic": dynamic,
+            "warmup": warmup, "repeats": repeats, **extra}
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:

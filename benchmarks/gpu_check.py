@@ -116,6 +116,9 @@ def main(argv=None) -> int:
             report["stages"][name] = {"skipped": True}
             continue
         stage_json = out.with_name(f"{out.stem}.{name}.json")
+        # An earlier run's results must never be attached to this run's stage (say, one that crashes).
+        stage_json.unlink(missing_ok=True)
+        stage_json.with_suffix(".png").unlink(missing_ok=True)
         cmd = [part.replace("{json}", str(stage_json)) for part in stage_def.command]
         cmd += stage_def.smoke_args if args.smoke else stage_def.gpu_args
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)

@@ -37,15 +37,61 @@ class StepResult:
     step_ms: float
     images_per_s: float
     peak_memory_gb: Optional[float]
+    # How the row was measured: every peer at its best setting, and proof a compiled variant ran compiled.
+    warmup: int = 0
+    cudnn_benchmark: bool = False
+    compile: Optional[str] = None
+    dynamic: Optional[bool] = None
+    frames_compiled: Optional[int] = None
+    graph_breaks: Optional[int] = None
+    peer: str = ""
 
 
-def build(variant: str, name: str, num_classes: int) -> torch.nn.Module:
+class NotCompiledError(RuntimeError):
+    """A compiled variant ran (partly) eagerly: its timing would be mislabelled."""
+
+
+def compile_fresh(fn, backend: str):
+    """torch.compile(fn) with static shapes after torch._dynamo.reset(): no earlier
+    variant's graphs, guards or recompile count carry over (dynamo caches by code object,
+    so closures of one function share a cache and, past its recompile limit, run eagerly).
+    Call `compiled_frames` after running it to prove it ran compiled."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    return torch.compile(fn, backend=backend, dynamic=False)
+
+
+def compiled_frames(expect_no_breaks: bool = True) -> dict:
+    """Dynamo's counts since the last `compile_fresh`: frames compiled, graphs, graph breaks.
+    Raises NotCompiledError when nothing was compiled (or, by default, when a graph broke)."""
+    from torch._dynamo.utils import counters
+
+    stats = {"frames_compiled": int(counters["frames"]["ok"]), "graphs": int(counters["stats"]["unique_graphs"]),
+             "graph_breaks": int(sum(counters["graph_break"].values()))}
+    if stats["graphs"] < 1:
+        raise NotCompiledError(f"torch.compile produced no graph: the 'compiled' variant ran eagerly ({stats})")
+    if expect_no_breaks and stats["graph_breaks"]:
+        raise NotCompiledError(f"torch.compile broke the graph {stats['graph_breaks']} time(s): "
+                               f"{sorted(counters['graph_break'])[:1]}")
+    return stats
+
+
+def build(variant: str, name: str, num_classes: int) -> tuple[torch.nn.Module, str]:
+    """The model and what it is. torchvision has no constructor for some of the family
+    (32x16d, 32x48d): its ResNet class built at the same depth, cardinality and width is
+    then the peer, and labelled so."""
     if variant.startswith("torchvision"):
         import torchvision
-        if not hasattr(torchvision.models, name):
-            raise ValueError(f"torchvision has no {name}")
-        return getattr(torchvision.models, name)(num_classes=num_classes)
-    return create_model(name, fused=MODES[variant.removesuffix("-compile")], num_classes=num_classes)
+        if hasattr(torchvision.models, name):
+            return getattr(torchvision.models, name)(num_classes=num_classes), f"torchvision.models.{name}"
+        layers, groups, width = ARCHITECTURES[name]
+        model = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, layers, groups=groups,
+                                                 width_per_group=width, num_classes=num_classes)
+        return model, f"torchvision ResNet(Bottleneck, {layers}, groups={groups}, width_per_group={width})"
+    mode = MODES[variant.removesuffix("-compile")]
+    return create_model(name, fused=mode, num_classes=num_classes), f"engine {name} fused={mode!r}"
 
 
 def _sync(device: torch.device) -> None:
@@ -55,11 +101,16 @@ def _sync(device: torch.device) -> None:
 
 def measure(variant: str, name: str, *, batch_size: int, image_size: int, steps: int, warmup: int,
             device: torch.device, dtype: str = "bf16", channels_last: bool = True,
-            num_classes: int = 1000, compile_backend: str = "inductor") -> StepResult:
+            num_classes: int = 1000, compile_backend: str = "inductor", cudnn_benchmark: bool = True) -> StepResult:
+    """One variant's training step; a "-compile" variant is compiled fresh with static
+    shapes and raises NotCompiledError unless dynamo compiled it without graph breaks.
+    cuDNN's benchmark mode (on by default, as users run it) is set for the process."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = build(variant, name, num_classes).to(device=device, memory_format=fmt).train()
+    model, peer = build(variant, name, num_classes)
+    model = model.to(device=device, memory_format=fmt).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
     images = torch.randn(batch_size, 3, image_size, image_size, device=device).to(memory_format=fmt)
     labels = torch.randint(0, num_classes, (batch_size,), device=device)
@@ -75,7 +126,7 @@ def measure(variant: str, name: str, *, batch_size: int, image_size: int, steps:
             # Fused blocks time their grouped 3x3 eagerly first: tracing cannot, and would keep cuDNN.
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 autotune_fused_blocks(model, images)
-        loss_fn = torch.compile(forward_loss, backend=compile_backend)
+        loss_fn = compile_fresh(forward_loss, compile_backend)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -84,8 +135,9 @@ def measure(variant: str, name: str, *, batch_size: int, image_size: int, steps:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(warmup):
+    for _ in range(max(warmup, 1) if loss_fn is not forward_loss else warmup):
         step()
+    compiled = compiled_frames() if loss_fn is not forward_loss else {}
     _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
@@ -95,7 +147,10 @@ def measure(variant: str, name: str, *, batch_size: int, image_size: int, steps:
     step_ms = elapsed / steps * 1e3
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return StepResult(variant, name, batch_size, image_size, dtype, channels_last, steps, step_ms,
-                      batch_size / (step_ms / 1e3), peak)
+                      batch_size / (step_ms / 1e3), peak, warmup=warmup, cudnn_benchmark=cudnn_benchmark,
+                      compile=compile_backend if compiled else None, dynamic=False if compiled else None,
+                      frames_compiled=compiled.get("frames_compiled"), graph_breaks=compiled.get("graph_breaks"),
+                      peer=peer)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

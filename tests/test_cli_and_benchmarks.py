@@ -63,3 +63,80 @@ def test_gpu_check_smoke_mode(tmp_path):
     tracking = stages["bench_loss_tracking"]["results"]
     assert set(tracking["runs"]) == {"reference fp32", "reference bf16", "fused bf16"}
     assert isinstance(tracking["verdict"]["tracks"], bool)
+
+
+def test_gpu_check_never_attaches_an_earlier_runs_results(tmp_path, monkeypatch, capsys):
+    """A stage that crashes carries no results, even with an earlier run's JSON beside the report."""
+    from benchmarks import gpu_check
+
+    out = tmp_path / "gpu_check.json"
+    stale = {"benchmark": "earlier run", "results": [{"ms": 1.0}]}
+    for name in ("crashes", "writes"):
+        out.with_name(f"gpu_check.{name}.json").write_text(json.dumps(stale))
+    write = "import json, sys; json.dump({'benchmark': 'this run'}, open(sys.argv[1], 'w'))"
+    monkeypatch.setattr(gpu_check, "STAGES", [
+        gpu_check.Stage("crashes", (), [sys.executable, "-c", "raise SystemExit(3)"], 60),
+        gpu_check.Stage("writes", (), [sys.executable, "-c", write, "{json}"], 60),
+    ])
+    assert gpu_check.main(["--out", str(out)]) == 1
+    stages = json.loads(out.read_text())["stages"]
+    assert stages["crashes"]["rc"] == 3 and "results" not in stages["crashes"]
+    assert not out.with_name("gpu_check.crashes.json").exists()
+    assert stages["writes"]["rc"] == 0 and stages["writes"]["results"] == {"benchmark": "this run"}
+
+
+def test_benchmark_rows_record_their_settings(tmp_path):
+    """Every row of a benchmark's JSON says how it was measured; peers run with cuDNN's
+    benchmark mode on, and the compiled peer was compiled (static shapes) for each shape."""
+    from benchmarks import bench_bn_act
+
+    out = tmp_path / "bn_act.json"
+    assert bench_bn_act.main(["--smoke", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert rows and all({"cudnn_benchmark", "compile", "dynamic", "warmup", "repeats"} <= set(r["settings"])
+                        for r in rows)
+    assert all(r["settings"]["cudnn_benchmark"] is True for r in rows)
+    compiled = [r for r in rows if r["impl"].startswith("compile")]
+    assert compiled and all("fwd_bwd_ms" in r for r in compiled)
+    for r in compiled:
+        assert r["settings"]["compile"] == "aot_eager" and r["settings"]["dynamic"] is False
+        # A forward without and one with gradients, compiled fresh for this shape, nothing run eagerly.
+        assert r["settings"]["graphs"] == 2 and r["settings"]["graph_breaks"] == 0
+
+
+def test_compiled_training_steps_each_run_compiled(monkeypatch):
+    """Each compiled variant is compiled afresh: the second model's step is still compiled.
+    A model torchvision has no constructor for gets torchvision's ResNet class at its width."""
+    import torch
+
+    from engine.bench import measure
+    from engine.models import ARCHITECTURES
+
+    monkeypatch.setitem(ARCHITECTURES, "resnext_tiny_4x4d", ([1, 1, 1, 1], 4, 4))
+    for variant in ("torchvision-compile", "plain-compile", "torchvision-compile"):
+        r = measure(variant, "resnext_tiny_4x4d", batch_size=2, image_size=32, steps=1, warmup=1,
+                    device=torch.device("cpu"), dtype="fp32", num_classes=10, compile_backend="aot_eager")
+        assert r.compile == "aot_eager" and r.dynamic is False and r.cudnn_benchmark is True
+        assert r.frames_compiled >= 1 and r.graph_breaks == 0
+    assert r.peer == "torchvision ResNet(Bottleneck, [1, 1, 1, 1], groups=4, width_per_group=4)"
+    eager = measure("plain", "resnext_tiny_4x4d", batch_size=2, image_size=32, steps=1, warmup=0,
+                    device=torch.device("cpu"), dtype="fp32", num_classes=10)
+    assert eager.compile is None and eager.frames_compiled is None and eager.peer.startswith("engine ")
+
+
+def test_a_compiled_variant_that_ran_eagerly_is_refused():
+    import pytest
+    import torch
+
+    from engine.bench import NotCompiledError, compile_fresh, compiled_frames
+
+    def fn(x):
+        return x.sin() + 1
+
+    compiled = compile_fresh(fn, "aot_eager")
+    with torch.compiler.set_stance("force_eager"):
+        compiled(torch.randn(3))
+    with pytest.raises(NotCompiledError, match="ran eagerly"):
+        compiled_frames()
+    compiled(torch.randn(3))
+    assert compiled_frames()["graphs"] == 1
