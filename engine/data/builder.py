@@ -47,9 +47,10 @@ from engine.data.dataset import FORMAT, shard_name
 from engine.data.engines import ENGINES, make_engine, peak_rss_bytes, run_stage, todo
 from engine.data.write import BuildError
 
-ROWS_VERSION = 1
-# Settings that change where or how visibly a build runs, never what it writes.
-RUN_SETTINGS = ("progress", "workers", "start_method", "overwrite", "out", "engine", "address", "plan_buckets")
+ROWS_VERSION = 2
+# Settings that change where, how visibly or in what pieces a build runs, never what it writes.
+RUN_SETTINGS = ("progress", "workers", "start_method", "overwrite", "out", "engine", "address", "plan_buckets",
+                "chunk_size")
 
 
 @dataclass
@@ -219,40 +220,35 @@ def _fresh_dir(path: str, fingerprint: str) -> None:
     os.replace(fp_path + ".tmp", fp_path)
 
 
-def _write_rows(cfg: BuildConfig, synonyms: dict, rows_dir: str) -> dict:
-    """Stage 0: the metadata in parts, one part in memory at a time."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+def _read_stage(engine, cfg: BuildConfig, synonyms: dict, rows_dir: str) -> dict:
+    """Stage 0: every input file's rows as Parquet parts, a task per file. Returns
+    {"parts": [path, ...] in metadata order, "part_rows": [...], "rows", "not_images"}."""
     done = os.path.join(rows_dir, "done.json")
     if os.path.isfile(done):
         with open(done, encoding="utf-8") as f:
             return json.load(f)
-    schema = pa.schema([("key", pa.string()), ("path", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
-                        ("tags", pa.list_(pa.string()))])
-    not_images: dict[str, int] = {}
-    parts, total, buf = 0, 0, []
-
-    def flush():
-        nonlocal parts, buf
-        cols = list(zip(*[(r.key, r.path, r.offset, r.size, r.tags) for r in buf]))
-        table = pa.table([pa.array(c, t) for c, t in zip(cols, schema.types)], schema=schema)
-        path = os.path.join(rows_dir, "part-%06d.parquet" % parts)
-        pq.write_table(table, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        parts += 1
-        buf = []
-
-    for row in meta_mod.iter_rows(cfg.metadata, cfg.images, cfg.format, cfg.fields(), synonyms, not_images):
-        buf.append(row)
-        total += 1
-        if len(buf) == cfg.chunk_size:
-            flush()
-    if buf:
-        flush()
-    if total == 0:
+    fmt = meta_mod.detect_format(cfg.metadata, cfg.format)
+    files = meta_mod.input_files(cfg.metadata, fmt)
+    tasks = [{"file": os.path.abspath(path), "images": os.path.abspath(cfg.images), "format": fmt,
+              "fields": dataclasses.asdict(cfg.fields()), "synonyms": synonyms, "chunk": cfg.chunk_size,
+              "out_dir": os.path.join(rows_dir, "file-%06d" % i), "out": os.path.join(rows_dir, "file-%06d" % i,
+                                                                                       "done.json")}
+             for i, path in enumerate(files)]
+    run_stage(engine, meta_mod.write_parts, todo(tasks), "read ", cfg.progress, len(files),
+              len(files) - len(todo(tasks)))
+    info: dict = {"parts": [], "part_rows": [], "rows": 0, "not_images": {}}
+    for t in tasks:
+        with open(t["out"], encoding="utf-8") as f:
+            file_info = json.load(f)
+        for name, n in file_info["parts"]:
+            info["parts"].append(os.path.join(t["out_dir"], name))
+            info["part_rows"].append(n)
+            info["rows"] += n
+        for reason, c in file_info["not_images"].items():
+            info["not_images"][reason] = info["not_images"].get(reason, 0) + c
+    if info["rows"] == 0:
         raise ValueError(f"metadata {cfg.metadata!r} has no rows")
-    info = {"parts": parts, "rows": total, "not_images": dict(sorted(not_images.items()))}
+    info["not_images"] = dict(sorted(info["not_images"].items()))
     _write_text(done, json.dumps(info))
     return info
 
@@ -281,12 +277,13 @@ def build(config: Union[BuildConfig, dict]) -> dict:
     eval_fp = _fingerprint(sorted(eval_hashes))
     config_fp = _fingerprint({"settings": settings, "metadata": inputs_fp, "images": images, "eval_hashes": eval_fp,
                               "synonyms": synonyms})
-    rows_fp = _fingerprint({"version": ROWS_VERSION, "metadata": inputs_fp, "format": cfg.format,
-                            "fields": dataclasses.asdict(cfg.fields()), "chunk": cfg.chunk_size, "synonyms": synonyms})
-    scan_fp = _fingerprint({"version": scan_mod.SCAN_VERSION, "rows": rows_fp, "images": images,
-                            "limits": dataclasses.asdict(cfg.limits()), "dali": use_dali,
-                            "dali_device": cfg.dali_device})
-    plan_fp = _fingerprint({"config": config_fp, "scan": scan_fp})
+    # The rows and scan results, by content (what the plan reads), and cut into parts (where they lie).
+    content_fp = _fingerprint({"versions": [ROWS_VERSION, scan_mod.SCAN_VERSION], "metadata": inputs_fp,
+                               "format": cfg.format, "fields": dataclasses.asdict(cfg.fields()), "synonyms": synonyms,
+                               "images": images, "limits": dataclasses.asdict(cfg.limits()), "dali": use_dali,
+                               "dali_device": cfg.dali_device})
+    rows_fp = _fingerprint({"content": content_fp, "chunk": cfg.chunk_size})
+    plan_fp = _fingerprint({"config": config_fp, "content": content_fp})
     meta_path = os.path.join(out, "dataset.json")
     if os.path.isfile(meta_path) and not cfg.overwrite:
         with open(meta_path, encoding="utf-8") as f:
@@ -300,28 +297,28 @@ def build(config: Union[BuildConfig, dict]) -> dict:
         os.remove(meta_path)  # the directory is not a complete dataset until the end of this build
     os.makedirs(build_dir, exist_ok=True)
     _fresh_dir(rows_dir, rows_fp)
-    t_read = time.monotonic()
-    info = _write_rows(cfg, synonyms, rows_dir)
-    t_read = time.monotonic() - t_read
-    num_parts, num_rows = info["parts"], info["rows"]
-    buckets = cfg.plan_buckets if cfg.plan_buckets > 0 else max(1, -(-num_rows // 250_000))
-    _fresh_dir(scan_dir, scan_fp)
-    _fresh_dir(plan_dir, _fingerprint({"plan": plan_fp, "buckets": buckets, "parts": num_parts}))
-    os.makedirs(done_dir, exist_ok=True)
-    os.makedirs(shard_dir, exist_ok=True)
-    eval_path = os.path.join(plan_dir, "eval.npy")
-    digests = np.frombuffer(b"".join(bytes.fromhex(h) for h in sorted(eval_hashes)), np.uint8).reshape(-1, 32)
-    with open(eval_path + ".tmp", "wb") as f:
-        np.save(f, digests)
-    os.replace(eval_path + ".tmp", eval_path)
-
-    def part(d: str, kind: str, p: int, ext: str = "arrow") -> str:
-        return os.path.join(d, "%s-%06d.%s" % (kind, p, ext))
-
-    rows_of = [part(rows_dir, "part", p, "parquet") for p in range(num_parts)]
-    scan_of = [part(scan_dir, "part", p, "parquet") for p in range(num_parts)]
     stages: dict = {}
     with make_engine(cfg.engine, cfg.workers, cfg.start_method, cfg.address) as engine:
+        t_read = time.monotonic()
+        info = _read_stage(engine, cfg, synonyms, rows_dir)
+        t_read = time.monotonic() - t_read
+        num_parts, num_rows = len(info["parts"]), info["rows"]
+        buckets = cfg.plan_buckets if cfg.plan_buckets > 0 else max(1, -(-num_rows // 250_000))
+        _fresh_dir(scan_dir, rows_fp)
+        _fresh_dir(plan_dir, _fingerprint({"plan": plan_fp, "buckets": buckets, "parts": num_parts}))
+        os.makedirs(done_dir, exist_ok=True)
+        os.makedirs(shard_dir, exist_ok=True)
+        eval_path = os.path.join(plan_dir, "eval.npy")
+        digests = np.frombuffer(b"".join(bytes.fromhex(h) for h in sorted(eval_hashes)), np.uint8).reshape(-1, 32)
+        with open(eval_path + ".tmp", "wb") as f:
+            np.save(f, digests)
+        os.replace(eval_path + ".tmp", eval_path)
+
+        def part(d: str, kind: str, p: int, ext: str = "arrow") -> str:
+            return os.path.join(d, "%s-%06d.%s" % (kind, p, ext))
+
+        rows_of = info["parts"]
+        scan_of = [part(scan_dir, "part", p, "parquet") for p in range(num_parts)]
         # ---- stage 1: scan
         t = time.monotonic()
         limits = dataclasses.asdict(cfg.limits())
@@ -335,7 +332,7 @@ def build(config: Union[BuildConfig, dict]) -> dict:
                 rejected_so_far[reason] = rejected_so_far.get(reason, 0) + c
             return "rejected " + (", ".join(f"{k} {v}" for k, v in sorted(rejected_so_far.items())) or "0")
 
-        before = num_rows - sum(min(cfg.chunk_size, num_rows - t_["part"] * cfg.chunk_size) for t_ in tasks)
+        before = num_rows - sum(info["part_rows"][t_["part"]] for t_ in tasks)
         run_stage(engine, scan_mod.scan_part, tasks, "scan ", cfg.progress, num_rows, before,
                    weight=lambda r: r["rows"], note=scan_note)
         stages["scan"] = time.monotonic() - t

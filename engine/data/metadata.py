@@ -283,26 +283,70 @@ def _webdataset(path: str, rel: str, fields: Fields, synonyms: dict) -> Iterator
         yield Row(key, rel, tags, g["image"][0], g["image"][1])
 
 
+def rows_of_file(path: str, images: str, fmt: str, fields: Fields, synonyms: dict,
+                 skipped: Optional[dict] = None) -> Iterator[Row]:
+    """The rows of one input file of a resolved format (see input_files)."""
+    skipped = {} if skipped is None else skipped
+    if fmt == "jsonl":
+        yield from _jsonl(path, fields, synonyms)
+    elif fmt in ("csv", "tsv"):
+        yield from _csv(path, fields, synonyms, tab=fmt == "tsv" or path.lower().endswith(".tsv"))
+    elif fmt == "parquet":
+        yield from _parquet(path, fields, synonyms)
+    elif fmt == "yfcc100m":
+        yield from _yfcc(path, fields, synonyms, skipped)
+    elif fmt == "webdataset":
+        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(images))
+        yield from _webdataset(path, rel, fields, synonyms)
+    else:
+        raise AssertionError(fmt)
+
+
 def iter_rows(metadata: str, images: str, fmt: str, fields: Fields, synonyms: dict,
               skipped: Optional[dict] = None) -> Iterator[Row]:
     """Every row of the metadata, in order. `skipped` counts rows left out on
     purpose (YFCC100M videos), by reason."""
     fmt = detect_format(metadata, fmt)
-    skipped = {} if skipped is None else skipped
     for path in input_files(metadata, fmt):
-        if fmt == "jsonl":
-            yield from _jsonl(path, fields, synonyms)
-        elif fmt in ("csv", "tsv"):
-            yield from _csv(path, fields, synonyms, tab=fmt == "tsv" or path.lower().endswith(".tsv"))
-        elif fmt == "parquet":
-            yield from _parquet(path, fields, synonyms)
-        elif fmt == "yfcc100m":
-            yield from _yfcc(path, fields, synonyms, skipped)
-        elif fmt == "webdataset":
-            rel = os.path.relpath(os.path.abspath(path), os.path.abspath(images))
-            yield from _webdataset(path, rel, fields, synonyms)
-        else:
-            raise AssertionError(fmt)
+        yield from rows_of_file(path, images, fmt, fields, synonyms, skipped)
+
+
+def write_parts(task: dict) -> dict:
+    """Build stage 0, one task per input file: its rows as Parquet parts of at most
+    `chunk` rows (key, path, offset, size, tags) in task["out_dir"], one part in memory
+    at a time; done.json, written last, lists them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("key", pa.string()), ("path", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
+                        ("tags", pa.list_(pa.string()))])
+    os.makedirs(task["out_dir"], exist_ok=True)
+    skipped: dict = {}
+    parts: list = []  # [file name, rows]
+    buf: list = []
+
+    def flush():
+        cols = list(zip(*[(r.key, r.path, r.offset, r.size, r.tags) for r in buf]))
+        name = "part-%06d.parquet" % len(parts)
+        path = os.path.join(task["out_dir"], name)
+        pq.write_table(pa.table([pa.array(c, t) for c, t in zip(cols, schema.types)], schema=schema), path + ".tmp")
+        os.replace(path + ".tmp", path)
+        parts.append([name, len(buf)])
+        buf.clear()
+
+    fields = Fields(**task["fields"])
+    for row in rows_of_file(task["file"], task["images"], task["format"], fields, task["synonyms"], skipped):
+        buf.append(row)
+        if len(buf) == task["chunk"]:
+            flush()
+    if buf:
+        flush()
+    info = {"parts": parts, "not_images": skipped}
+    done = os.path.join(task["out_dir"], "done.json")
+    with open(done + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(info, f)
+    os.replace(done + ".tmp", done)
+    return {"file": task["file"], "rows": sum(n for _, n in parts)}
 
 
 def read_member(path: str, offset: int, size: int, max_bytes: int):
