@@ -77,6 +77,17 @@ def test_yfcc100m_rows_tags_and_videos(yfcc):
     assert user[1].tags == ["sunset", "dog"] and machine[1].tags == ["vision:outdoor=099"] and machine[0].tags == []
 
 
+def test_yfcc100m_split_into_a_directory_reads_the_same_rows(yfcc, tmp_path):
+    lines = (yfcc / "yfcc100m_dataset").read_text().splitlines(keepends=True)
+    (tmp_path / "pieces").mkdir()
+    (tmp_path / "pieces" / "yfcc-00").write_text("".join(lines[:10]))  # as `split -l 10 -d` names them
+    (tmp_path / "pieces" / "yfcc-01").write_text("".join(lines[10:]))
+    whole = meta_mod.iter_rows(str(yfcc / "yfcc100m_dataset"), "", "yfcc100m", meta_mod.Fields(), {})
+    pieces = meta_mod.iter_rows(str(tmp_path / "pieces"), "", "yfcc100m", meta_mod.Fields(), {})
+    assert [(r.key, r.path, r.tags) for r in pieces] == [(r.key, r.path, r.tags) for r in whole]
+    assert meta_mod.input_files(str(tmp_path / "pieces"), "yfcc100m")[0].endswith("yfcc-00")
+
+
 def test_yfcc100m_bad_lines_name_the_line(tmp_path):
     bad = tmp_path / "yfcc"
     bad.write_text(_yfcc_line(0, "a" * 32, ["x"], [], False) + "\nonly\tthree\tfields\n")

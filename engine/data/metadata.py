@@ -21,7 +21,8 @@ Formats (`format=`):
   unpacked). Hashtags come from the caption, or from `tags_field` in the JSON.
 
 "auto" picks by extension (.jsonl/.ndjson/.json, .csv, .tsv, .parquet, or a
-directory or .tar for webdataset).
+directory or .tar for webdataset). With an explicit format, the metadata may also be
+a directory of such files (read in name order, one build task per file).
 """
 
 from __future__ import annotations
@@ -108,15 +109,20 @@ def detect_format(path: str, fmt: str) -> str:
                      "webdataset .tar shards, or format='yfcc100m'")
 
 
+_DIR_EXTENSIONS = {"webdataset": (".tar",), "parquet": (".parquet",), "jsonl": (".jsonl", ".ndjson", ".json"),
+                   "csv": (".csv",), "tsv": (".tsv",), "yfcc100m": ("",)}
+
+
 def input_files(path: str, fmt: str) -> list[str]:
-    """The files a metadata argument names: itself, or a directory's .tar/.parquet files."""
+    """The files a metadata argument names: itself, or a directory's files of the
+    format, in name order (e.g. img2dataset's tars, or a big file cut by `split -l`;
+    each file is one read task)."""
     if os.path.isdir(path):
-        ext = ".tar" if fmt == "webdataset" else ".parquet" if fmt == "parquet" else None
-        if ext is None:
-            raise ValueError(f"metadata {path!r} is a directory; only webdataset or parquet input may be one")
-        files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(ext))
+        exts = _DIR_EXTENSIONS[fmt]
+        files = sorted(os.path.join(path, n) for n in os.listdir(path)
+                       if not n.startswith(".") and n.lower().endswith(exts) and os.path.isfile(os.path.join(path, n)))
         if not files:
-            raise ValueError(f"metadata directory {path!r} holds no {ext} files")
+            raise ValueError(f"metadata directory {path!r} holds no {fmt} files ({' '.join(exts) or 'any name'})")
         return files
     if not os.path.isfile(path):
         raise FileNotFoundError(f"metadata file {path!r} does not exist")
