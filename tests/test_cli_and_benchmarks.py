@@ -57,6 +57,19 @@ def test_gpu_check_smoke_mode(tmp_path):
     assert {"eager", "triton", "cuda"} <= impls and any(i.startswith("compile") for i in impls)
     steps = stages["bench_train_step"]["results"]["results"]
     assert {r["variant"] for r in steps if "images_per_s" in r} >= {"plain", "fused", "torchvision"}
+    # Every row of every benchmark says how it was measured, peers with cuDNN's benchmark mode on.
+    for name in ("bench_bn_act", "bench_train_step", "bench_conv_bn", "bench_hashtag_ce", "bench_train_step_fused",
+                 "bench_train_step_compiled", "bench_train_e2e"):
+        rows = stages[name]["results"]["results"]
+        assert rows and all({"warmup", "repeats", "compile", "cudnn_benchmark"} <= set(r["settings"]) for r in rows), name
+    for name in ("bench_bn_act", "bench_train_step", "bench_conv_bn", "bench_train_step_compiled"):
+        assert all(r["settings"]["cudnn_benchmark"] is True for r in stages[name]["results"]["results"]), name
+    compiled = [r for r in stages["bench_train_step_compiled"]["results"]["results"]]
+    assert all(r["settings"]["dynamic"] is False and r["settings"]["frames_compiled"] >= 1 for r in compiled)
+    e2e = {r["input"]: r["settings"] for r in stages["bench_train_e2e"]["results"]["results"]}
+    assert e2e["real"]["page_cache"].startswith("dropped")
+    data_run = stages["bench_data"]["results"]["runs"][0]["settings"]
+    assert data_run["warmup_batches"] >= 2 * 2 + 2 and "page_cache" in data_run
     assert (tmp_path / "gpu_check.bench_bn_act.png").exists()
     assert {"bench_hashtag_ce", "bench_data", "bench_conv_bn", "bench_grouped_conv", "bench_train_e2e",
             "bench_train_step_fused", "bench_loss_tracking"} <= set(stages)
