@@ -68,8 +68,8 @@ def test_gpu_check_smoke_mode(tmp_path):
     assert all(r["settings"]["dynamic"] is False and r["settings"]["frames_compiled"] >= 1 for r in compiled)
     e2e = {r["input"]: r["settings"] for r in stages["bench_train_e2e"]["results"]["results"]}
     assert e2e["real"]["page_cache"].startswith("dropped")
-    data_run = stages["bench_data"]["results"]["runs"][0]["settings"]
-    assert data_run["warmup_batches"] >= 2 * 2 + 2 and "page_cache" in data_run
+    data_run = stages["bench_data"]["results"]["runs"][0]
+    assert data_run["settings"]["warmup_batches"] >= 2 * data_run["threads"] + 2 and "page_cache" in data_run["settings"]
     assert (tmp_path / "gpu_check.bench_bn_act.png").exists()
     assert {"bench_hashtag_ce", "bench_data", "bench_conv_bn", "bench_grouped_conv", "bench_train_e2e",
             "bench_train_step_fused", "bench_loss_tracking"} <= set(stages)
