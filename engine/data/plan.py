@@ -241,27 +241,52 @@ def assign_part(task: dict) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    import pyarrow.compute as pc
+
     with open(task["vocab"], encoding="utf-8") as f:
         hashtags = json.load(f)["hashtags"]
-    tag_id = {t: i for i, t in enumerate(hashtags)}
-    rows = pq.read_table(task["rows"], columns=["key", "path", "tags"]).to_pydict()
-    scan = pq.read_table(task["scan"], columns=["action", "reason", "detail"]).to_pydict()
+    rows = pq.read_table(task["rows"], columns=["key", "path", "tags"])
+    scan = pq.read_table(task["scan"], columns=["action", "reason", "detail"])
     st = _open_ipc(task["status"]).get_batch(0)
     status = st.column(0).to_numpy()
-    kept_key = st.column(1).to_pylist()
-    final, final_tags = [], []
-    report: dict = {"valid_as_is": 0, "skipped": {}, "reencoded": {}, "in_eval_set": {}, "duplicate": {},
-                    "no_hashtag": {}}
+    n = len(status)
+    action = np.asarray(scan.column("action").to_numpy(zero_copy_only=False))
+    # Every row's hashtags as vocabulary ids (-1: not in the vocabulary), flat, in order;
+    # a row keeps its first max_tags ids.
+    tags = rows.column("tags").combine_chunks()
+    lengths = pc.list_value_length(tags).fill_null(0).to_numpy().astype(np.int64)
+    ids = pc.index_in(pc.list_flatten(tags), value_set=pa.array(hashtags, pa.string())).fill_null(-1)
+    ids = ids.to_numpy().astype(np.int64)
+    row_of = np.repeat(np.arange(n), lengths)
+    valid = ids >= 0
+    seen = np.cumsum(valid)
+    row_start = np.concatenate([[0], np.cumsum(lengths)])[:-1]
+    before_row = np.concatenate([[0], seen])[row_start]  # valid ids before each row's first
+    keep = valid & (seen - 1 - before_row[row_of] < task["max_tags"])
+    per_row = np.bincount(row_of[keep], minlength=n)
+    is_final = (status == KEPT) & (per_row > 0)
+    no_tag = (status == KEPT) & (per_row == 0)
+    take = keep & is_final[row_of]
+    final = np.flatnonzero(is_final)
+    final_ids = ids[take].astype(np.int32)
+    final_offsets = np.concatenate([[0], np.cumsum(per_row[final])]).astype(np.int32)
+    report: dict = {"valid_as_is": int((action == "ok").sum()), "skipped": {}, "reencoded": {}, "in_eval_set": {},
+                    "duplicate": {}, "no_hashtag": {}}
+    # rejected.jsonl lines: a Python loop over the (few) rows not written as is.
+    reencoded = (status == KEPT) & (action == "reencoded")
+    odd = np.flatnonzero((status != KEPT) | reencoded | no_tag)
+    sub = pa.array(odd, pa.int64())
+    keys = rows.column("key").take(sub).to_pylist()
+    paths = rows.column("path").take(sub).to_pylist()
+    reasons = scan.column("reason").take(sub).to_pylist()
+    details = scan.column("detail").take(sub).to_pylist()
+    kept_keys = st.column(1).take(sub).to_pylist()
     lines = []
-    for i in range(len(status)):
-        key, path, action = rows["key"][i], rows["path"][i], scan["action"][i]
-        if action == "ok":
-            report["valid_as_is"] += 1
-        s = status[i]
+    for j, i in enumerate(odd.tolist()):
+        key, path, s = keys[j], paths[j], status[i]
         if s == SKIPPED:
-            lines.append({"key": key, "path": path, "action": "skipped", "reason": scan["reason"][i],
-                          "detail": scan["detail"][i]})
-            _capped_add(report["skipped"], scan["reason"][i], key)
+            lines.append({"key": key, "path": path, "action": "skipped", "reason": reasons[j], "detail": details[j]})
+            _capped_add(report["skipped"], reasons[j], key)
             continue
         if s == IN_EVAL:
             lines.append({"key": key, "path": path, "action": "dropped", "reason": "in_eval_set"})
@@ -269,35 +294,30 @@ def assign_part(task: dict) -> dict:
             continue
         if s == DUPLICATE:
             lines.append({"key": key, "path": path, "action": "dropped", "reason": "duplicate",
-                          "duplicate_of": kept_key[i]})
-            _capped_add(report["duplicate"], "all", [key, kept_key[i]])
+                          "duplicate_of": kept_keys[j]})
+            _capped_add(report["duplicate"], "all", [key, kept_keys[j]])
             continue
-        if action == "reencoded":
-            lines.append({"key": key, "path": path, "action": "reencoded", "reason": scan["reason"][i]})
-            _capped_add(report["reencoded"], scan["reason"][i], key)
-        ids = [tag_id[t] for t in rows["tags"][i] if t in tag_id][: task["max_tags"]]
-        if not ids:
+        if reencoded[i]:
+            lines.append({"key": key, "path": path, "action": "reencoded", "reason": reasons[j]})
+            _capped_add(report["reencoded"], reasons[j], key)
+        if no_tag[i]:
             lines.append({"key": key, "path": path, "action": "dropped", "reason": "no_hashtag"})
             _capped_add(report["no_hashtag"], "all", key)
-            continue
-        final.append(i)
-        final_tags.append(ids)
-    counts = np.bincount(np.asarray([t for ids in final_tags for t in ids], np.int64),
-                         minlength=len(hashtags)).astype(np.int64)
+    counts = np.bincount(final_ids, minlength=len(hashtags)).astype(np.int64)
     schema = pa.schema([("row", pa.int32()), ("tags", pa.list_(pa.int32()))])
-    _write_ipc(task["out"], [pa.record_batch([pa.array(final, pa.int32()), pa.array(final_tags, pa.list_(pa.int32()))],
-                                             schema=schema)], schema)
+    tag_lists = pa.ListArray.from_arrays(pa.array(final_offsets), pa.array(final_ids, pa.int32()))
+    _write_ipc(task["out"], [pa.record_batch([pa.array(final.astype(np.int32)), tag_lists], schema=schema)], schema)
     base = task["out"][: -len(".arrow")]
     np.save(base + ".counts.npy", counts)
     with open(base + ".rejected.jsonl.tmp", "w", encoding="utf-8") as f:
         f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
     os.replace(base + ".rejected.jsonl.tmp", base + ".rejected.jsonl")
-    report["final"] = len(final)
-    report["tags"] = int(sum(len(t) for t in final_tags))
+    report["final"] = int(len(final))
+    report["tags"] = int(len(final_ids))
     with open(base + ".report.json.tmp", "w", encoding="utf-8") as f:
         json.dump(report, f, ensure_ascii=False)
     os.replace(base + ".report.json.tmp", base + ".report.json")
-    return {"part": task["part"], "final": len(final)}
+    return {"part": task["part"], "final": int(len(final))}
 
 
 def route_part(task: dict) -> dict:
