@@ -147,7 +147,8 @@ def measure(variant: str, name: str, *, batch_size: int, image_size: int, steps:
     step_ms = elapsed / steps * 1e3
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return StepResult(variant, name, batch_size, image_size, dtype, channels_last, steps, step_ms,
-                      batch_size / (step_ms / 1e3), peak, warmup=warmup, cudnn_benchmark=cudnn_benchmark,
+                      batch_size / (step_ms / 1e3), peak, warmup=warmup,
+                      cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
                       compile=compile_backend if compiled else None, dynamic=False if compiled else None,
                       frames_compiled=compiled.get("frames_compiled"), graph_breaks=compiled.get("graph_breaks"),
                       peer=peer)

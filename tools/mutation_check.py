@@ -78,6 +78,26 @@ MUTATIONS = [
         "dx += 0.0 * x * tl.load(K_X + cols",
         ("tests/test_bn_act.py", "-k", "matches_reference and float16 and triton"),
         "bn_act's Triton dx loses the batch-statistics term through xhat, seen in half precision"),
+    Mutation(
+        "gpu-check-keeps-stale-stage-json", "benchmarks/gpu_check.py",
+        "        stage_json.unlink(missing_ok=True)\n", "",
+        ("tests/test_cli_and_benchmarks.py", "-k", "earlier_runs_results"),
+        "gpu_check attaches an earlier run's JSON to a stage that crashed"),
+    Mutation(
+        "benchmark-peers-without-cudnn-benchmark", "benchmarks/common.py",
+        "    torch.backends.cudnn.benchmark = True\n", "    torch.backends.cudnn.benchmark = False\n",
+        ("tests/test_cli_and_benchmarks.py", "-k", "record_their_settings"),
+        "the benchmarks' cuDNN peers run untuned"),
+    Mutation(
+        "training-step-peers-without-cudnn-benchmark", "engine/bench.py",
+        "    torch.backends.cudnn.benchmark = cudnn_benchmark\n", "",
+        ("tests/test_cli_and_benchmarks.py", "-k", "each_run_compiled"),
+        "the training-step benchmark's cuDNN peers run untuned"),
+    Mutation(
+        "compiled-variant-not-checked", "engine/bench.py",
+        '    if stats["graphs"] < 1:\n', "    if False:\n",
+        ("tests/test_cli_and_benchmarks.py", "-k", "ran_eagerly"),
+        "a 'compiled' benchmark row that ran eagerly is reported as compiled"),
 ]
 
 
