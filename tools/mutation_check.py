@@ -98,6 +98,22 @@ MUTATIONS = [
         '    if stats["graphs"] < 1:\n', "    if False:\n",
         ("tests/test_cli_and_benchmarks.py", "-k", "ran_eagerly"),
         "a 'compiled' benchmark row that ran eagerly is reported as compiled"),
+    Mutation(
+        "train-preempted-exits-0", "engine/train.py",
+        '(143 if summary["status"] == "preempted" else 1)', '(0 if summary["status"] == "preempted" else 1)',
+        ("tests/test_train_cli.py", "-k", "preempted"),
+        "a preempted run exits 0, so a scheduler would not requeue it"),
+    Mutation(
+        "train-nonfinite-exits-0", "engine/train.py",
+        "    except (NonFiniteLossError, OutOfMemory) as e:\n",
+        "    except (NonFiniteLossError, OutOfMemory) as e:\n        return 0\n",
+        ("tests/test_train_cli.py", "-k", "nonfinite or out_of_memory"),
+        "a run stopped by non-finite losses or out of memory exits 0"),
+    Mutation(
+        "train-model-init-ignored", "engine/train.py",
+        "            load_init_weights(self.trunk, cfg.model.init)\n", "            pass\n",
+        ("tests/test_train_cli.py", "-k", "model_init_starts"),
+        "model.init is accepted but the weights are never loaded"),
 ]
 
 
