@@ -114,6 +114,11 @@ MUTATIONS = [
         "            load_init_weights(self.trunk, cfg.model.init)\n", "            pass\n",
         ("tests/test_train_cli.py", "-k", "model_init_starts"),
         "model.init is accepted but the weights are never loaded"),
+    Mutation(
+        "autotune-digest-is-a-constant", "engine/ops/autotune.py",
+        "    return digest.hexdigest()[:16]\n", '    return "0" * 16\n',
+        ("tests/test_verify.py", "-k", "digest"),
+        "the autotune cache is never invalidated when a kernel, its glue or the extension changes"),
 ]
 
 
