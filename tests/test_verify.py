@@ -326,3 +326,16 @@ def _break_grouped_conv_wgrad():
     from engine.ops import grouped_conv
     real = grouped_conv.conv_wgrad
     grouped_conv.conv_wgrad = lambda *a, **k: real(*a, **k) * 1.1
+
+
+def test_an_untuned_key_under_compile_warns_once_and_answers_reference():
+    """What grouped_conv.tuned_choice answers under tracing for a shape the warm-up missed."""
+    verify.forget_memory()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: x * (2 if verify.untuned_under_compile("k|n4") == "reference" else 3),
+                             backend="aot_eager", fullgraph=True)
+    with pytest.warns(UserWarning, match="was not autotuned") as caught:
+        assert torch.equal(compiled(torch.ones(4)), torch.full((4,), 2.0))
+        compiled(torch.ones(4))
+    assert len([c for c in caught if "was not autotuned" in str(c.message)]) == 1
+    verify.forget_memory()

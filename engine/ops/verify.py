@@ -218,10 +218,22 @@ def _traced_gate(key: str) -> Optional[str]:
            "torch.compile or CUDA-graph capture"
 
 
+def untuned_under_compile(key: str) -> str:
+    """For an autotuned op whose key has no choice under tracing or capture: warns once
+    (the eager warm-up was skipped or ran another shape) and answers "reference"."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"engine: {key} was not autotuned in an eager warm-up, and tuning cannot run inside "
+                      "torch.compile tracing or CUDA-graph capture, so the reference runs there instead; run "
+                      "one eager step first (engine.models.autotune_fused_blocks)", stacklevel=2)
+    return "reference"
+
+
 # torch.compile runs _traced_gate as plain Python while tracing and folds its answer into the
 # graph as a constant: torch.compiler.assume_constant_result sets this mark, but importing it
 # imports torch._dynamo (seconds), which `import engine` must not pay.
 _traced_gate._dynamo_marked_constant = True
+untuned_under_compile._dynamo_marked_constant = True
 
 
 def candidates_checker(op_name: str, args, kwargs) -> Callable[[list[str]], dict[str, Optional[str]]]:
