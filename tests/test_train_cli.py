@@ -7,7 +7,6 @@ import json
 import os
 import signal
 
-import pytest
 import torch
 
 from engine import checkpoint as ck
