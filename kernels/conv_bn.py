@@ -68,8 +68,10 @@ def _gemm_config(dtype: torch.dtype, device: torch.device, prologue_operands: in
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
     # 128 x 128 output tiles with 64-deep operand slices, triple-buffered: the usual
     # Hopper bf16 starting point. Unmeasured here (no GPU); autotuning is part 2's.
-    # Two operand tiles behind da cost 80 KB per stage in the data gradient: 3 stages need
-    # 249 KB of shared memory, over sm_90's 227 KB per block (benchmarks/compile_gate.py).
+    # With two tiles loaded behind da, 3 stages need 248,832-250,880 B of shared memory in
+    # the data gradient, over sm_90's 232,448 per block, and 212,992-221,184 B in the weight
+    # gradient, within 5% of it; 2 stages need 165-166 KB and 131-139 KB
+    # (benchmarks/compile_gate.py). What the third stage would have bought is unmeasured.
     stages = 3 if prologue_operands == 1 else 2
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=stages)
 
