@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export MAX_JOBS ?= 2
 
-.PHONY: install demo test bench gpu-check clean
+.PHONY: install demo test bench gpu-check compile-gate triton36-venv clean
 
 install: $(VENV)/.ext-stamp
 
@@ -26,8 +26,22 @@ $(VENV)/.ext-stamp: $(VENV)/.deps-stamp $(wildcard csrc/*) setup.py
 demo: install
 	$(VENV)/bin/engine demo
 
-test: install
+# Triton 3.6 (what torch 2.11 ships, and the GPU machines run) for the compile gate, which
+# compiles the kernels under it too: triton and numpy only, no torch (about 1 minute, 700 MB).
+TRITON36 := .venv-triton36
+$(TRITON36)/.stamp:
+	test -x $(TRITON36)/bin/python || $(PYTHON) -m venv $(TRITON36)
+	$(TRITON36)/bin/pip install -q "triton==3.6.*" numpy
+	touch $@
+
+triton36-venv: $(TRITON36)/.stamp
+
+test: install triton36-venv
 	$(PY) -m pytest -q
+
+# Every Triton and CUDA kernel compiled for sm_90 (and sm_100) without a GPU; see benchmarks/compile_gate.py.
+compile-gate: install triton36-venv
+	$(PY) -m benchmarks.compile_gate --out benchmarks/results/compile_sm90.json
 
 bench: install
 	$(PY) -m benchmarks.bench_bn_act --out benchmarks/results/bn_act.json
@@ -37,4 +51,4 @@ gpu-check: install
 	$(PY) -m benchmarks.gpu_check --out benchmarks/results/gpu_check.json
 
 clean:
-	rm -rf build *.egg-info engine/_C*.so $(VENV)
+	rm -rf build *.egg-info engine/_C*.so $(VENV) $(TRITON36) .gate-cache

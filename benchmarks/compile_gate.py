@@ -83,7 +83,8 @@ class _Recorder:
         self.label = ""
 
     def record(self, fn, args, kwargs):
-        abstract = [_abstract(a) for a in args]
+        # Constexprs passed by position stay as they are; they are part of the program.
+        abstract = [a if p.is_constexpr else _abstract(a) for p, a in zip(fn.params, args)]
         options = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
         module = fn.fn.__module__.rsplit(".", 1)[-1]
         key = json.dumps([module, fn.__name__, abstract, sorted(options.items())], default=str)
@@ -304,11 +305,16 @@ class _FakeDtype:
         return f"torch.{self.name}"
 
 
+# One object per dtype, alive for the process: Triton caches a dtype's type string by the
+# object, and a collected object's address reused by another dtype would hit that cache.
+_FAKE_DTYPES: dict[str, _FakeDtype] = {}
+
+
 class _FakePointer:
     """A tensor argument as Triton's launcher sees it: a dtype and an address."""
 
     def __init__(self, dtype, aligned):
-        self.dtype = _FakeDtype(dtype)
+        self.dtype = _FAKE_DTYPES.setdefault(dtype, _FakeDtype(dtype))
         self.address = BASE_ADDRESS + (0 if aligned else 2)
 
     def data_ptr(self):
@@ -370,8 +376,8 @@ def _resource_usage(cubin: bytes) -> dict:
 PTX_COUNTS = {
     "wgmma": r"wgmma\.mma_async",
     "mma_sync": r"\bmma\.sync",
-    "cp_async_16": r"cp\.async\.c[ag]\.shared\.global(?:\.L2::\w+)? \[[^\]]+\], \[[^\]]+\], 16",
-    "cp_async_small": r"cp\.async\.c[ag]\.shared\.global(?:\.L2::\w+)? \[[^\]]+\], \[[^\]]+\], (?:2|4|8)\b",
+    "cp_async_16": r"cp\.async\.c[ag]\.shared\.global[^;]*, 0x10\b",
+    "cp_async_small": r"cp\.async\.c[ag]\.shared\.global[^;]*, 0x[248]\b",
     "ld_global_b16": r"ld\.global(?:\.\w+)*\.[bu]16 ",
     "st_global_b16": r"st\.global(?:\.\w+)*\.[bu]16 ",
     "ld_global_v4": r"ld\.global(?:\.\w+)*\.v4",
@@ -413,7 +419,7 @@ def compile_spec(spec: dict, arch: int, keep_ttir: bool = False) -> dict:
     try:
         kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
     except Exception as e:  # the gate's verdict on this kernel, reported in the table
-        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]
+        row["error"] = f"{type(e).__name__}: {' | '.join(str(e).strip().splitlines()[-6:])}"[:800]
         return row
     row["compile_s"] = round(time.perf_counter() - start, 2)
     row["shared_bytes"] = kernel.metadata.shared
@@ -462,7 +468,7 @@ def _nvcc_command(source: str, arch: int, obj: str) -> list[str]:
     nvcc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
     includes = [f"-I{p}" for p in include_paths("cuda")] + [f"-I{sysconfig.get_paths()['include']}"]
     # The flags of setup.py's build, plus ptxas's report.
-    flags = ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17", "-DENGINE_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
+    flags = ["-O3", "--use_fast_math", "-lineinfo", "-std=c++20", "-DENGINE_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
              "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr", "-Xptxas", "-v"]
     return [nvcc, *includes, *flags, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-c", source, "-o", obj]
@@ -616,6 +622,10 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=",".join(RESNEXT), help="ResNeXt variants, comma-separated")
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
     p.add_argument("--dtypes", default=",".join(DTYPES))
+    p.add_argument("--other-batches", default="100",
+                   help="batches for the sm_100 and Triton 3.6 compiles (fewer integer specialisations, "
+                        "every configuration)")
+    p.add_argument("--other-dtypes", help="dtypes for the sm_100 and Triton 3.6 compiles (default: --dtypes)")
     p.add_argument("--no-head", action="store_true", help="skip the hashtag head's shapes")
     p.add_argument("--no-cuda", action="store_true", help="skip nvcc on csrc/*.cu")
     p.add_argument("--no-sm100", action="store_true", help="skip the Blackwell compile")
@@ -635,33 +645,47 @@ def main(argv=None) -> int:
                     tuple(args.dtypes.split(",")), not args.no_head)
     capture_s = time.perf_counter() - start
     print(f"compile_gate: {len(specs)} unique launches captured in {capture_s:.0f} s", flush=True)
-    runs = [(f"triton {triton.__version__} sm_90", sys.executable, 90)]
+    other = specs
+    other_dtypes = args.other_dtypes or args.dtypes
+    if args.other_batches != args.batches or other_dtypes != args.dtypes:
+        other = capture(tuple(args.models.split(",")), tuple(int(b) for b in args.other_batches.split(",")),
+                        tuple(other_dtypes.split(",")), not args.no_head)
+    runs = [(f"triton {triton.__version__} sm_90", sys.executable, 90, specs)]
     if not args.no_sm100:
-        runs.append((f"triton {triton.__version__} sm_100", sys.executable, 100))
+        runs.append((f"triton {triton.__version__} sm_100", sys.executable, 100, other))
     if args.triton36 == "require" and not TRITON36_PYTHON.exists():
         raise SystemExit(f"compile_gate: {TRITON36_PYTHON} is missing (make triton36-venv)")
     if args.triton36 != "skip" and TRITON36_PYTHON.exists():
-        runs.append(("triton 3.6 sm_90", str(TRITON36_PYTHON), 90))
+        runs.append(("triton 3.6 sm_90", str(TRITON36_PYTHON), 90, other))
     report = {"produced_on": "a CPU machine without a GPU: compiled, never run", "host": platform.node() or "?",
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "smem_limit_bytes": SMEM_LIMIT, "spill_bound_bytes": SPILL_BOUND_BYTES,
               "capture_s": round(capture_s, 1), "triton": {}, "cuda": {}}
     compiled = {}
-    for name, python, arch in runs:
+    for name, python, arch, run_specs in runs:
         t = time.perf_counter()
-        rows = run_worker(python, specs, arch, args.jobs)
+        rows = run_worker(python, run_specs, arch, args.jobs)
         compiled[name] = rows
         table = []
-        for spec, row in zip(specs, rows):
+        for spec, row in zip(run_specs, rows):
             table.append(dict(module=spec["module"], kernel=spec["kernel"], config=_config_text(spec),
                               dtype=_dtype_of(spec), launches=spec["launches"], shapes=spec["shapes"], **row,
                               problems=verdict(row, arch)))
-        report["triton"][name] = {"seconds": round(time.perf_counter() - t, 1), "rows": table}
+        report["triton"][name] = {"seconds": round(time.perf_counter() - t, 1), "rows": table,
+                                  "batches": args.batches if run_specs is specs else args.other_batches,
+                                  "dtypes": args.dtypes if run_specs is specs else other_dtypes}
         failing = sum(1 for r in table if r["problems"])
         print(f"compile_gate: {name}: {len(rows)} compiles, {failing} failing, "
               f"{time.perf_counter() - t:.0f} s", flush=True)
-    if len(runs) > 1 and not args.no_sm100:
-        report["differences"] = _differences(*(report["triton"][n]["rows"] for n, _, _ in runs[:2]))
+    if not args.no_sm100:
+        # sm_90 against sm_100 on the same launches.
+        rows90 = [r for r in report["triton"][runs[0][0]]["rows"]]
+        by_key = {json.dumps([s["module"], s["kernel"], s["args"], sorted(s["options"].items())]): r
+                  for s, r in zip(specs, rows90)}
+        pairs = [(by_key.get(json.dumps([s["module"], s["kernel"], s["args"], sorted(s["options"].items())])), r)
+                 for s, r in zip(other, report["triton"][runs[1][0]]["rows"])]
+        pairs = [(a, b) for a, b in pairs if a is not None]
+        report["differences"] = _differences([a for a, _ in pairs], [b for _, b in pairs])
     if not args.no_cuda:
         t = time.perf_counter()
         report["cuda"]["nvcc sm_90"] = [dict(r, problems=verdict(r, 90)) for r in compile_cuda(90)]

@@ -1,0 +1,114 @@
+"""The Hopper compile gate (benchmarks/compile_gate.py) in CI: every Triton kernel the
+engine launches on a GPU compiles for sm_90 within the shared-memory limit and the spill
+bound, under this environment's Triton and, when .venv-triton36 exists (make
+triton36-venv), Triton 3.6. No GPU needed: the kernels are compiled, not run.
+
+The CI tier compiles every launch configuration (tiles, warps, stages, constexpr
+switches) of every model at one batch size, in bf16 and fp32 (fp16 has bf16's tiles and
+code paths), and under Triton 3.6 in bf16; the full gate (all batch sizes and dtypes,
+sm_100, CUDA) is what benchmarks/results/compile_sm90.json records.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CI_TIER = ["--batches", "100", "--other-batches", "100", "--dtypes", "bfloat16,float32", "--other-dtypes", "bfloat16",
+           "--no-sm100", "--no-cuda"]
+
+
+def _run_gate(tmp_path, *args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "gate.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.compile_gate", "--out", str(out), *args],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
+    return done, (json.loads(out.read_text()) if out.exists() else None)
+
+
+@pytest.fixture(scope="module")
+def gate(tmp_path_factory):
+    return _run_gate(tmp_path_factory.mktemp("gate"), *CI_TIER)
+
+
+def _launched_kernels():
+    """Every @triton.jit function of engine.kernels that the launchers call with a grid."""
+    import re
+    names = set()
+    for path in (ROOT / "kernels").glob("*.py"):
+        names |= {f"{path.stem}.{k}" for k in re.findall(r"\b(_\w+_kernel)\[", path.read_text())}
+    return names
+
+
+def test_gate_passes(gate):
+    done, report = gate
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert report["verdict"] == "PASS" and report["problems"] == []
+    assert "CPU machine" in report["produced_on"]
+
+
+def test_every_kernel_compiled_for_sm90_under_each_triton(gate):
+    _, report = gate
+    expected = _launched_kernels()
+    assert len(expected) >= 15
+    names = list(report["triton"])
+    assert any(n.endswith("sm_90") and not n.startswith("triton 3.6") for n in names)
+    if (ROOT / ".venv-triton36" / "bin" / "python").exists():
+        assert "triton 3.6 sm_90" in names
+    for name in names:
+        rows = report["triton"][name]["rows"]
+        assert {f"{r['module']}.{r['kernel']}" for r in rows} == expected, name
+        for r in rows:
+            assert r["registers"] > 0 and 0 <= r["shared_bytes"] <= 232_448, r
+        # The 16-bit GEMMs run on Hopper's warpgroup tensor-core instructions.
+        fwd = [r for r in rows if r["kernel"] == "_fwd_kernel" and r["dtype"] == "bfloat16"]
+        assert fwd and all(r["ptx"]["wgmma"] > 0 for r in fwd)
+
+
+def test_gate_rejects_a_kernel_over_the_shared_memory_limit():
+    """conv_bn's dgrad at its former bf16 configuration (128 x 128 x 64, 3 stages) needs
+    about 249 KB of shared memory; the gate must fail it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = r"""
+import json, torch
+from benchmarks import compile_gate as g
+from engine.kernels import conv_bn
+rec = g._Recorder()
+with g._intercepted(rec):
+    n, k, c, h = 64, 256, 1024, 14
+    cuda = dict(device="cuda")
+    x = torch.empty(n, k, h, h, dtype=torch.bfloat16, **cuda).to(memory_format=torch.channels_last)
+    a = torch.empty(n, c, h, h, dtype=torch.bfloat16, **cuda).to(memory_format=torch.channels_last)
+    w = torch.empty(c, k, dtype=torch.bfloat16, **cuda)
+    v = torch.empty(c, **cuda)
+    conv_bn.conv_bn_dgrad_triton(a, a, v, v, v, None, None, w, None, None, None, None, None, 1)
+(spec,) = [s for s in rec.specs.values() if s["kernel"] == "_dgrad_kernel"]
+spec["options"]["num_stages"] = 3
+row = g.compile_spec(spec, 90)
+print("RESULT " + json.dumps({"row": row, "problems": g.verdict(row, 90)}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT ")).removeprefix("RESULT "))
+    assert result["row"]["shared_bytes"] > 232_448
+    assert any("shared memory" in p for p in result["problems"])
+
+
+def test_verdict_bounds():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import compile_gate as g
+    ok = {"shared_bytes": 232_448, "local_bytes": g.SPILL_BOUND_BYTES, "registers": 255}
+    assert g.verdict(ok, 90) == []
+    assert g.verdict(dict(ok, local_bytes=g.SPILL_BOUND_BYTES + 4), 90)
+    assert g.verdict({"error": "PTXASError: ptxas failed"}, 90)
+    assert g.narrow_tile_offsets(
+        "%t = tt.splat %X : !tt.ptr<bf16> -> tensor<32x128x!tt.ptr<bf16>>\n"
+        "%p = tt.addptr %t, %o : tensor<32x128x!tt.ptr<bf16>>, tensor<32x128xi32>", ["X"])
+    assert not g.narrow_tile_offsets(
+        "%t = tt.splat %X : !tt.ptr<bf16> -> tensor<32x128x!tt.ptr<bf16>>\n"
+        "%p = tt.addptr %t, %o : tensor<32x128x!tt.ptr<bf16>>, tensor<32x128xi64>", ["X"])
