@@ -186,20 +186,23 @@ def lr_lambda(cfg: Config):
 
 def wrap_trunk(cfg: Config, trunk: nn.Module, d: DistInfo, device: torch.device, micro: int,
                amp_dtype: torch.dtype):
-    """(the callable that maps images to features, the DDP module or None): SyncBN, CUDA
-    graphs, DDP with the summing hook, torch.compile, in that order."""
+    """(the callable that maps images to features, the DDP module or None): SyncBN, the fused
+    kernels' checks and tuning (GPU), CUDA graphs, DDP with the summing hook, torch.compile,
+    in that order."""
     m = cfg.model
     if m.sync_bn and d.world > 1:
         trunk = nn.SyncBatchNorm.convert_sync_batchnorm(trunk, process_group=d.group)
     trunk.train()
-    if device.type == "cuda" and (m.compile or m.cuda_graphs):
+    if device.type == "cuda":
         from engine.models import autotune_fused_blocks
 
         fmt = torch.channels_last if m.channels_last else torch.contiguous_format
         sample = torch.randn(micro, 3, cfg.data.image_size, cfg.data.image_size, device=device, dtype=amp_dtype,
                              generator=torch.Generator(device).manual_seed(0)).contiguous(memory_format=fmt)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32, cache_enabled=False):
-            # Fused blocks choose their grouped 3x3 by timing, which neither tracing nor capture can do.
+            # Every fused kernel is checked against the reference (all shapes in one child process)
+            # and the grouped 3x3 is timed before the first step: in eager mode this saves a child
+            # process per shape, and neither tracing nor capture can check or time at all.
             autotune_fused_blocks(trunk, sample)
             if m.cuda_graphs:
                 trunk = torch.cuda.make_graphed_callables(trunk, (sample,))
