@@ -38,7 +38,10 @@ def prepare(work: str, n_images: int, min_side: int, max_side: int, workers: int
         synth(raw, n_images=n_images, vocab_size=200, seed=0, min_side=min_side, max_side=max_side, bad_files=False,
               n_duplicates=0, n_eval_overlap=0, n_eval=0)
     build(BuildConfig(images=os.path.join(raw, "images"), metadata=os.path.join(raw, "metadata.jsonl"), out=ds,
-                      vocab_size=200, shard_size=1000, workers=workers))
+                      vocab_size=200, shard_size=1000, workers=workers,
+                      # The work folder is this benchmark's own: a build made by an older builder or with
+                      # other settings is replaced (an unchanged one is rebuilt from the builder's caches).
+                      overwrite=True))
     return ds
 
 
