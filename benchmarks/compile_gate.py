@@ -546,6 +546,8 @@ def verdict(row: dict, arch: int) -> list[str]:
         problems.append(f"32-bit offsets into a tensor of 2**31+ elements: {row['narrow_offsets'][0]}")
     if row.get("local_bytes", 0) > SPILL_BOUND_BYTES:
         problems.append(f"local memory (spills) {row['local_bytes']} B/thread > {SPILL_BOUND_BYTES} B")
+    if row.get("spill_store_bytes", 0) > SPILL_BOUND_BYTES:  # ptxas's own count (CUDA rows)
+        problems.append(f"spill stores {row['spill_store_bytes']} B/thread > {SPILL_BOUND_BYTES} B")
     return problems
 
 
