@@ -67,6 +67,12 @@ MUTATIONS = [
         ("tests/test_conv_bn.py", "-k", "3x3_paths and direct"),
         "the fused block's direct-kernel 3x3 loses bn1's shift in its prologue"),
     Mutation(
+        "engine-backend-variable-ignored", "engine/ops/dispatch.py",
+        'chosen = backend if backend is not None else os.environ.get("ENGINE_BACKEND") or None',
+        "chosen = backend",
+        ("tests/test_models.py", "-k", "forced_fused and bn_act-cpp"),
+        "ENGINE_BACKEND is ignored: the model-level 'fused' tests would compare torchvision with itself"),
+    Mutation(
         "bn_act-dx-scaled-by-1pct", "kernels/bn_act.py",
         "k_g = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32) * invstd\n",
         "k_g = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32) * invstd * 1.01\n",
