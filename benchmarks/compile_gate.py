@@ -509,9 +509,8 @@ def compile_cuda(arch: int) -> list[dict]:
     rows = []
     headers = sorted((ROOT / "csrc").glob("*.h"))
     for source in CUDA_SOURCES:
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = _nvcc_command(source, arch, str(Path(tmp, "k.o")))
-        digest = hashlib.sha256(json.dumps(cmd[1:]).encode() + (ROOT / source).read_bytes()
+        # The key leaves out the object path, a fresh temporary name each time.
+        digest = hashlib.sha256(json.dumps(_nvcc_command(source, arch, "k.o")[1:]).encode() + (ROOT / source).read_bytes()
                                 + b"".join(h.read_bytes() for h in headers)).hexdigest()[:20]
         cached = CACHE / f"nvcc-{digest}.json"
         if cached.exists():
