@@ -36,8 +36,11 @@ $(TRITON36)/.stamp:
 
 triton36-venv: $(TRITON36)/.stamp
 
+# The suite, then the mutation check: each named break of the code must fail the tests
+# that claim to catch it (tools/mutation_check.py, a few minutes).
 test: install triton36-venv
 	$(PY) -m pytest -q
+	$(PY) tools/mutation_check.py
 
 # Every Triton and CUDA kernel compiled for sm_90 (and sm_100) without a GPU; see benchmarks/compile_gate.py.
 compile-gate: install triton36-venv

@@ -443,8 +443,11 @@ def test_autotune_candidates_run_forward_and_backward(tmp_path):
         # 16 groups of width 2: span 16 packs 8 groups, 32 and 64 all 16; the direct kernel takes width 2.
         expected = {"reference", "triton:16", "triton:32"} | ({"cuda"} if backends.extension_has_cuda() else set())
         assert set(candidates) == expected
-    tuner = Autotuner(tmp_path / "a.json", lambda fn: fn() or 1.0, VERSIONS)
+    tuner = Autotuner(tmp_path / "a.json", lambda fn: (fn(), 1.0)[1], VERSIONS)
     assert tuner.choose("k", candidates) == "reference"  # a tie goes to the first
+    # Each candidate returns its output and gradients, so the tuner compared them with the
+    # reference's: every fused candidate agreed on this shape.
+    assert "rejected" not in tuner._entries["k"]
 
 
 def test_autotune_cache_lives_under_engine_cache_dir(tmp_path, monkeypatch):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.ops import backends
+from engine.ops import backends, verify
 from engine.ops.autotune import default_tuner
 from engine.ops.dispatch import define
 
@@ -220,16 +220,20 @@ def tuned_choice(shape, dtype: torch.dtype, device: torch.device, c_out: int, st
     """'reference' (cuDNN) or 'triton:<span>', the fastest for a CUDA input of this shape,
     timed on random inputs the first time and cached (engine.ops.autotune). Under
     torch.compile only the choices made eagerly in this process are known; an unknown
-    shape gets cuDNN there, never slower than the baseline."""
+    shape gets cuDNN there, with a one-time warning."""
     n, c, h, w = shape
     key = (f"grouped_conv3x3|{'fwd+bwd' if train else 'fwd'}|{str(dtype)[6:]}|n{n} c{c} h{h} w{w}|"
            f"cout{c_out} g{groups} s{stride}|prologue={prologue} stats={stats}")
     if torch.compiler.is_compiling():
-        return _CHOICES.get(key, "reference")
+        return _CHOICES.get(key) or verify.untuned_under_compile(key)
     if key not in _CHOICES:
         tuner_key = f"{torch.cuda.get_device_name(device)}|{key}"
+        # Only candidates checked against the reference on this device are timed, and a timed
+        # candidate whose result differs from cuDNN's is dropped.
         _CHOICES[key] = default_tuner().choose(
-            tuner_key, _candidates(tuple(shape), c_out, stride, groups, dtype, device, prologue, stats, train))
+            tuner_key, _candidates(tuple(shape), c_out, stride, groups, dtype, device, prologue, stats, train),
+            verify=verify.grouped_conv_checker(tuple(shape), dtype, device, c_out, stride, groups, prologue, stats,
+                                               train))
     return _CHOICES[key]
 
 
@@ -271,9 +275,11 @@ def _candidates(shape, c_out, stride, groups, dtype, device, prologue, stats, tr
 
     def runner(fn):
         def call():
+            # The outputs and gradients, which the tuner compares with the reference candidate's.
             out = fn()
             if train:
-                torch.autograd.grad(out[0] if stats else out, inputs, grad)
+                return out, torch.autograd.grad(out[0] if stats else out, inputs, grad)
+            return out
         return call
 
     out = {"reference": runner(lambda: grouped_conv3x3_reference(x, weight, stride=stride, groups=groups,
