@@ -51,6 +51,10 @@ def _bench(module: str) -> list[str]:
 STAGES = [
     Stage("build", (), [PY, "setup.py", "build_ext", "--inplace"], 240),
     Stage("info", (), [PY, "-m", "engine.info", "--json"], 60),
+    # Every op and backend against its reference on this device first: a kernel that fails here
+    # is skipped by the dispatcher, and the stages after it measure what users would run.
+    Stage("selftest", ("foundation",), [PY, "-m", "engine.cli", "selftest", "--out", "{json}"], 300,
+          smoke_args=["--model", "tiny", "--dtypes", "float32", "--no-model-step"]),
     Stage("tests_bn_act", ("foundation",), _pytest("tests/test_bn_act.py"), 120),
     Stage("bench_bn_act", ("foundation",), _bench("bench_bn_act"), 150, smoke_args=["--smoke"]),
     Stage("bench_train_step", ("foundation",), _bench("bench_train_step"), 240,
@@ -79,6 +83,9 @@ STAGES = [
           smoke_args=["--smoke", "--variants", "conv-compile"]),
     Stage("bench_train_e2e", ("train",), _bench("bench_train_e2e"), 300,
           gpu_args=["--images", "2048", "--steps", "30"], smoke_args=["--smoke"]),
+    # Host syncs per steady-state step (CUDA's sync debug mode) and step time, lean loop beside
+    # the per-step read-back.
+    Stage("bench_lean_step", ("train",), _bench("bench_lean_step"), 240, smoke_args=["--smoke", "--steps", "3"]),
 ]
 
 

@@ -73,6 +73,9 @@ def test_gpu_check_smoke_mode(tmp_path):
     assert (tmp_path / "gpu_check.bench_bn_act.png").exists()
     assert {"bench_hashtag_ce", "bench_data", "bench_conv_bn", "bench_grouped_conv", "bench_train_e2e",
             "bench_train_step_fused", "bench_loss_tracking"} <= set(stages)
+    assert stages["selftest"]["rc"] == 0 and stages["selftest"]["results"]
+    lean = stages["bench_lean_step"]["results"]["rows"]
+    assert [r["per_step_sync"] for r in lean] == [False, True]
     tracking = stages["bench_loss_tracking"]["results"]
     assert set(tracking["runs"]) == {"reference fp32", "reference bf16", "fused bf16"}
     assert isinstance(tracking["verdict"]["tracks"], bool)
