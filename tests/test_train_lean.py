@@ -6,6 +6,7 @@ weights, momentum and schedule bitwise as the host-side skip does."""
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,47 +152,39 @@ def test_bad_tags_raise_at_the_next_sync_point(tmp_path):
         trainer.close()
 
 
-def test_sigterm_between_sync_points_stops_at_the_next_one_with_a_checkpoint(tmp_path):
-    trainer = make_trainer(tmp_path, "train.steps=20", "train.log_every=5", "train.ckpt_every=0")
+def fit_signalled_after(trainer, step: int, signalled: bool = True) -> dict:
+    """trainer.fit() with SIGTERM sent to this process once `step` steps are done (if
+    `signalled`), between sync points; closes the trainer."""
+    train_step = trainer.train_step
+
+    def signalled_step(batches):
+        if signalled and trainer.state.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(batches)
+
+    trainer.train_step = signalled_step
     try:
-        step = trainer.train_step
-
-        def signalled_step(batches):
-            if trainer.state.step == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return step(batches)
-
-        trainer.train_step = signalled_step
-        summary = trainer.fit()
+        return trainer.fit()
     finally:
         trainer.close()
+
+
+def test_sigterm_between_sync_points_stops_at_the_next_one_with_a_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, "train.steps=20", "train.log_every=5", "train.ckpt_every=0")
+    summary = fit_signalled_after(trainer, 2)
     assert summary["status"] == "preempted" and summary["step"] == 5
     assert summary["checkpoint"].endswith("step_00000005")
 
 
-def _stop_job(rank, world, out_dir):
-    cfg = apply_overrides(get_preset("test"), ["data.synthetic=true", "data.synthetic_vocab=9",
-                                               f"train.out_dir={out_dir}", "train.batch_size=4", "train.steps=20",
-                                               "train.log_every=4"])
-    trainer = train_mod.Trainer(cfg)
-    try:
-        step = trainer.train_step
-
-        def signalled_step(batches):
-            if rank == 1 and trainer.state.step == 5:  # rank 1 alone is signalled, between sync points
-                os.kill(os.getpid(), signal.SIGTERM)
-            return step(batches)
-
-        trainer.train_step = signalled_step
-        summary = trainer.fit()
-    finally:
-        trainer.close()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+def _stop_job(rank, world, tmp_path):
+    trainer = make_trainer(Path(tmp_path), "train.steps=20", "train.log_every=4")
+    summary = fit_signalled_after(trainer, 5, signalled=rank == 1)  # rank 1 alone is signalled
+    with open(os.path.join(tmp_path, "run", f"rank{rank}.json"), "w") as f:
         json.dump({"status": summary["status"], "step": summary["step"]}, f)
 
 
 def test_one_rank_signalled_every_rank_stops_at_the_same_step(tmp_path):
-    spawn_ranks(_stop_job, 2, str(tmp_path), str(tmp_path / "run"), timeout_s=300)
+    spawn_ranks(_stop_job, 2, str(tmp_path), str(tmp_path), timeout_s=300)
     results = [json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in range(2)]
     assert results == [{"status": "preempted", "step": 8}] * 2
     assert (tmp_path / "run" / "checkpoints" / "step_00000008").is_dir()
