@@ -174,6 +174,7 @@ class Trainer:
         self.flops_per_image = model_flops_per_image(cfg, self.vocab)
         self.log = MetricLogger(cfg, self.dist, self.device, self.flops_per_image, self.micro)
         self.counters = StepCounters(self.device, self.state, cfg.train.max_nonfinite)
+        self._momentum_ready = False
         self.last_sync_step = self.state.step
         if self.rank0:
             write_json(os.path.join(self.out_dir, "config.json"), {**cfg.to_dict(), "resolved": self.resolved()})
@@ -245,12 +246,16 @@ class Trainer:
             self.scaler.update()
 
     def skips_on_device(self) -> bool:
+        # Once every momentum buffer exists it stays: the scan over parameters runs only until then.
+        if self._momentum_ready:
+            return True
         opt = self.optimizer
         if self.scaler.is_enabled() or not isinstance(opt, torch.optim.SGD) or not opt.defaults.get("fused"):
             return False
-        return all(g["momentum"] == 0 or all(opt.state.get(p, {}).get("momentum_buffer") is not None
-                                             for p in g["params"] if p.grad is not None)
-                   for g in opt.param_groups)
+        self._momentum_ready = all(g["momentum"] == 0 or all(opt.state.get(p, {}).get("momentum_buffer") is not None
+                                                             for p in g["params"] if p.grad is not None)
+                                   for g in opt.param_groups)
+        return self._momentum_ready
 
     def forward_backward(self, images: torch.Tensor, tags: torch.Tensor, sync: bool = True) -> torch.Tensor:
         """Loss of one micro-batch (divided by the accumulation steps) and its backward; the

@@ -16,19 +16,23 @@ torchvision = pytest.importorskip("torchvision")
 _TORCHVISION = {}
 
 
+def randomise_batch_norms(model):
+    """Random, non-trivial BN statistics and affine parameters, so eval mode is not an identity."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+
+
 def torchvision_pair(name, fused):
     """torchvision's model (built once per name) and ours with its weights."""
     if name not in _TORCHVISION:
         torch.manual_seed(0)
         theirs = getattr(torchvision.models, name)()
-        # Random, non-trivial BN statistics and affine parameters, so eval mode is not an identity.
-        with torch.no_grad():
-            for m in theirs.modules():
-                if isinstance(m, torch.nn.BatchNorm2d):
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.uniform_(-0.2, 0.2)
-                    m.running_mean.uniform_(-0.1, 0.1)
-                    m.running_var.uniform_(0.5, 1.5)
+        randomise_batch_norms(theirs)
         _TORCHVISION[name] = theirs
     theirs = copy.deepcopy(_TORCHVISION[name])
     ours = create_model(name, fused=fused)
@@ -183,13 +187,7 @@ def small_pair(fused):
     theirs = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, SMALL["layers"],
                                               groups=SMALL["groups"], width_per_group=SMALL["width_per_group"],
                                               num_classes=10)
-    with torch.no_grad():
-        for m in theirs.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
+    randomise_batch_norms(theirs)
     ours = resnext(SMALL["layers"], SMALL["groups"], SMALL["width_per_group"], fused=fused, num_classes=10)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     return theirs, ours
