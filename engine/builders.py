@@ -186,10 +186,12 @@ def lr_lambda(cfg: Config):
 
 def wrap_trunk(cfg: Config, trunk: nn.Module, d: DistInfo, device: torch.device, micro: int,
                amp_dtype: torch.dtype):
-    """(the callable that maps images to features, the DDP module or None): SyncBN, the fused
-    kernels' checks and tuning (GPU), CUDA graphs, DDP with the summing hook, torch.compile,
+    """(the callable that maps images to features, the DDP module or None): cuDNN's benchmark
+    mode, SyncBN, the fused kernels' checks and tuning (GPU), CUDA graphs, DDP with the summing hook, torch.compile,
     in that order."""
     m = cfg.model
+    # Before the fused blocks' tuning too: the grouped 3x3 is timed against cuDNN at its best.
+    torch.backends.cudnn.benchmark = m.cudnn_benchmark
     if m.sync_bn and d.world > 1:
         trunk = nn.SyncBatchNorm.convert_sync_batchnorm(trunk, process_group=d.group)
     trunk.train()

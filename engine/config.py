@@ -59,6 +59,9 @@ class ModelConfig:
     compile: bool = False  # torch.compile the data-parallel trunk
     compile_mode: str = "default"  # torch.compile mode: default | max-autotune | max-autotune-no-cudagraphs
     cuda_graphs: bool = False  # capture the trunk's forward+backward as CUDA graphs (GPU, static shapes)
+    # Training shapes are fixed, so cuDNN's per-shape algorithm search pays for itself after one
+    # step; off only to compare with cuDNN's heuristics or for bitwise-repeatable convolutions.
+    cudnn_benchmark: bool = True
     sync_bn: bool = False  # SyncBatchNorm across ranks (the paper: per-GPU statistics); needs fused=false
     zero_init_residual: bool = False
     init: str = ""  # start from these weights: an engine checkpoint/run dir or a torchvision state dict

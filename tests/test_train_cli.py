@@ -111,3 +111,13 @@ def test_model_init_that_does_not_fit_is_named(tmp_path, capsys):
     assert main(_args(tmp_path / "other", "train.steps=1", "model.layers=[1,1,1,2]", f"model.init={first}")) == 2
     err = capsys.readouterr().err
     assert "model.init:" in err and "does not fit" in err, err
+
+
+def test_cudnn_benchmark_mode_follows_the_config(tmp_path, monkeypatch):
+    """Training shapes are fixed, so `engine train` runs cuDNN at its best by default (as the
+    benchmarks' peers do); model.cudnn_benchmark=false turns the search off."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert main(_args(tmp_path / "on", "train.steps=1")) == 0
+    assert torch.backends.cudnn.benchmark is True
+    assert main(_args(tmp_path / "off", "train.steps=1", "model.cudnn_benchmark=false")) == 0
+    assert torch.backends.cudnn.benchmark is False
