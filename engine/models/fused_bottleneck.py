@@ -74,19 +74,32 @@ class ConvBNBottleneck(nn.Module):
                              f"got {sorted(settings, key=str)}")
         eps, momentum, tracking = settings.pop()
         training = self.training or not tracking
+        cumulative = False
         if self.training and tracking:
             for bn in norms:
                 bn.num_batches_tracked.add_(1)
-            if momentum is None:  # cumulative moving average, as nn.BatchNorm2d
-                momentum = 1.0 / float(self.bn1.num_batches_tracked)
+            # momentum=None is nn.BatchNorm2d's cumulative moving average, factor 1/batches. As in
+            # BatchNormAct2d the factor stays on the device (reading it would wait for the GPU): the
+            # kernels write this batch's statistics (momentum 1) into fresh buffers, averaged in below.
+            cumulative = momentum is None
         use_running = not self.training or tracking
-        bn1, bn2, bn3 = (_bn_params(bn, use_running) for bn in norms[:3])
+        params = [_bn_params(bn, use_running) for bn in norms]
+        if cumulative:
+            params = [p._replace(running_mean=torch.zeros_like(p.running_mean),
+                                 running_var=torch.zeros_like(p.running_var)) for p in params]
         wd = bnd = None
         if self.downsample is not None:
-            wd, bnd = self.downsample[0].weight, _bn_params(self.downsample[1], use_running)
-        return conv_bn_bottleneck(x, self.conv1.weight, bn1, self.conv2.weight, bn2, self.conv3.weight, bn3, wd, bnd,
-                                  stride=self.stride, groups=self.groups, training=training,
-                                  momentum=momentum if momentum is not None else 0.0, eps=eps, backend=self.backend)
+            wd, bnd = self.downsample[0].weight, params[3]
+        y = conv_bn_bottleneck(x, self.conv1.weight, params[0], self.conv2.weight, params[1], self.conv3.weight,
+                               params[2], wd, bnd, stride=self.stride, groups=self.groups, training=training,
+                               momentum=1.0 if cumulative else momentum or 0.0, eps=eps, backend=self.backend)
+        if cumulative:
+            with torch.no_grad():
+                factor = self.bn1.num_batches_tracked.reciprocal()
+                for bn, p in zip(norms, params):
+                    bn.running_mean.lerp_(p.running_mean, factor.to(p.running_mean.dtype))
+                    bn.running_var.lerp_(p.running_var, factor.to(p.running_var.dtype))
+        return y
 
 
 def autotune_fused_blocks(model: nn.Module, sample: Tensor) -> int:
