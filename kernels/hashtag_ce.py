@@ -61,8 +61,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _logits_tile(
     X,      # [B, D]
     W,      # [V, D]
-    BIAS,   # [V] (unused unless HAS_BIAS)
-    rows, cols, row_ok, col_ok, D,
+    BIAS,   # [V rounded up to 16], zero-padded (unused unless HAS_BIAS)
+    rows, cols, row_ok, col_ok, bias_ok, D,
     HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -77,7 +77,9 @@ def _logits_tile(
         w = tl.load(W + w_rows[None, :] + d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
-        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        # bias_ok is cols < V rounded up to 16 (the padding is zeros): a bound like 2,125
+        # would make the mask vary within a vector and every load a 2-byte one.
+        acc += tl.load(BIAS + cols, mask=bias_ok, other=0.0).to(tl.float32)[None, :]
     return acc
 
 
@@ -85,7 +87,7 @@ def _logits_tile(
 def _forward_kernel(
     X,       # [B, D]
     W,       # [V, D]
-    BIAS,    # [V] (unused unless HAS_BIAS)
+    BIAS,    # [V rounded up to 16], zero-padded (unused unless HAS_BIAS)
     TAGS,    # [B, K] int: class ids within this slice, -1 for padding or another rank's class
     TW,      # [B, K] fp32 target weights
     STATS,   # [4, SPLITS, B] fp32 out: max of z, sum of exp(z - max), sum_k w_k z[tag_k], sum of z
@@ -106,10 +108,11 @@ def _forward_kernel(
     total = tl.zeros((BLOCK_B,), tl.float32)
     v_begin = split * tiles_per_split * BLOCK_V
     v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
+    v_padded = tl.cdiv(V, 16) * 16
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < V
-        z = _logits_tile(X, W, BIAS, rows, cols, row_ok, col_ok, D,
+        z = _logits_tile(X, W, BIAS, rows, cols, row_ok, col_ok, cols < v_padded, D,
                          HAS_BIAS, BLOCK_B, BLOCK_V, BLOCK_D, DOT_PRECISION)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))
@@ -140,7 +143,7 @@ def _forward_kernel(
 def _grad_logits_kernel(
     X,       # [B, D]
     W,       # [VC, D] this chunk's rows of the weight
-    BIAS,    # [VC] (unused unless HAS_BIAS)
+    BIAS,    # [VC rounded up to 16], zero-padded (unused unless HAS_BIAS)
     TAGS,    # [B, K] int: class ids within the slice (not the chunk), -1 for none
     TW,      # [B, K] fp32 target weights
     LSE,     # [B] fp32 log-sum-exp over the whole vocabulary
@@ -157,7 +160,10 @@ def _grad_logits_kernel(
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < B
     col_ok = cols < VC
-    z = _logits_tile(X, W, BIAS, rows, cols, row_ok, col_ok, D, HAS_BIAS, BLOCK_B, BLOCK_V, BLOCK_D, DOT_PRECISION)
+    # G and the bias are read and written up to VC rounded up to 16 columns (below).
+    stored = tl.cdiv(VC, 16) * 16
+    z = _logits_tile(X, W, BIAS, rows, cols, row_ok, col_ok, cols < stored, D,
+                     HAS_BIAS, BLOCK_B, BLOCK_V, BLOCK_D, DOT_PRECISION)
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     c_p = tl.load(COEF + rows, mask=row_ok, other=0.0)
     c_q = tl.load(COEF + B + rows, mask=row_ok, other=0.0)
@@ -179,7 +185,6 @@ def _grad_logits_kernel(
     # Stored (zeros past VC) up to VC rounded up to 16 columns, which the scratch's width
     # (a multiple of BLOCK_V) allows: a bound like 17,000 / 8 = 2,125 would otherwise make
     # the mask vary within a vector and every store a 2-byte one. The GEMMs read G as far.
-    stored = tl.cdiv(VC, 16) * 16
     tl.store(G + rows[:, None] * stride + cols[None, :], g.to(G.dtype.element_ty),
              mask=row_ok[:, None] & (cols < stored)[None, :])
     if HAS_BIAS:
@@ -236,6 +241,14 @@ def _sm_count(device: torch.device) -> int:
     return 1
 
 
+def _padded_bias(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The bias with zeros up to a multiple of 16 classes, as the kernels read it (one
+    [V] copy when V is not such a multiple; a 2,125-class slice would load 2 bytes at a time)."""
+    if bias is None or bias.shape[0] % 16 == 0:
+        return bias
+    return torch.nn.functional.pad(bias, (0, -bias.shape[0] % 16))
+
+
 def _forward_impl(x, weight, bias, tags, tag_weights, with_logit_sum):
     b, d = x.shape
     v = weight.shape[0]
@@ -251,6 +264,7 @@ def _forward_impl(x, weight, bias, tags, tag_weights, with_logit_sum):
     splits = triton.cdiv(tiles_v, tiles_per_split)
     part = torch.empty(4, splits, b, device=x.device, dtype=torch.float32)
     k = tags.shape[1]
+    bias = _padded_bias(bias)
     _forward_kernel[(tiles_b, splits)](
         x, weight, bias if bias is not None else weight, tags, tag_weights, part,
         b, v, d, tiles_per_split,
@@ -306,12 +320,14 @@ def _backward_impl(x, weight, bias, tags, tag_weights, lse, coef, need_dx, need_
     tiles_b = triton.cdiv(b, cfg["BLOCK_B"])
     db_part = torch.empty(tiles_b, chunk, device=x.device, dtype=torch.float32) if bias is not None else g
     launch = {key: cfg[key] for key in ("BLOCK_B", "BLOCK_V", "BLOCK_D", "num_warps", "num_stages")}
+    padded_bias = _padded_bias(bias)
     for v0 in range(0, v, chunk):
         vc = min(chunk, v - v0)
         padded = triton.cdiv(vc, 16) * 16  # G's columns as _grad_logits_kernel stores them
         w_chunk = weight[v0:v0 + vc]
         _grad_logits_kernel[(tiles_b, triton.cdiv(vc, cfg["BLOCK_V"]))](
-            x, w_chunk, bias[v0:v0 + vc] if bias is not None else w_chunk, tags, tag_weights, lse, coef, g, db_part,
+            x, w_chunk, padded_bias[v0:v0 + padded] if bias is not None else w_chunk, tags, tag_weights, lse, coef, g,
+            db_part,
             b, vc, d, v0, chunk,
             K=k, K_POW2=triton.next_power_of_2(k), HAS_BIAS=bias is not None, DOT_PRECISION=precision, **launch)
         if need_dw:
