@@ -19,10 +19,15 @@ import triton.language as tl
 
 # Elements per tile: 4096 keeps the fp32 accumulators of a reduction in registers at 4 warps.
 TILE_ELEMENTS = 4096
-# Row chunks per channel block in a reduction: enough programs to fill a GPU
-# without making the finalise sum long.
-MAX_SPLITS = 256
-TARGET_PROGRAMS = 1024
+# Programs a reduction pass aims for per SM: its kernels use 96-150 registers at 4 warps
+# (compile_gate), so 3-5 are resident per SM, and four waves of them keep every SM
+# streaming until the end instead of idling through one partial last wave.
+PROGRAMS_PER_SM = 16
+# Without a GPU (Triton's interpreter): a fixed program count, as for a 64-SM device.
+DEFAULT_PROGRAMS = 1024
+# Partial sums one finalise step adds up (a power of two), [splits, BLOCK_C] at a time: the
+# splits are summed in this fixed order, so a reduction's result does not vary from run to run.
+FINALIZE_ELEMENTS = 2048
 
 
 @triton.jit
@@ -67,6 +72,24 @@ def _stats_kernel(
 
 
 @triton.jit
+def _sum_splits(
+    A, B,   # [splits, C] fp32 partial sums
+    cols, ok, splits, C, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # BLOCK_S splits per load: thousands of them (a small C at a large batch) would take
+    # as many dependent load round trips one split at a time.
+    acc_a = tl.zeros((BLOCK_S, BLOCK_C), tl.float32)
+    acc_b = tl.zeros((BLOCK_S, BLOCK_C), tl.float32)
+    for s0 in range(0, splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        offs = s[:, None] * C + cols[None, :]
+        m = (s < splits)[:, None] & ok[None, :]
+        acc_a += tl.load(A + offs, mask=m, other=0.0)
+        acc_b += tl.load(B + offs, mask=m, other=0.0)
+    return tl.sum(acc_a, axis=0), tl.sum(acc_b, axis=0)
+
+
+@triton.jit
 def _finalize_fwd_kernel(
     PSUM, PSQ,        # [splits, C] fp32
     SHIFT,            # [C] fp32
@@ -75,16 +98,12 @@ def _finalize_fwd_kernel(
     MEAN, INVSTD,     # [C] fp32 out
     SCALE, OFFSET,    # [C] fp32 out: y = x * SCALE + OFFSET
     splits, C, M, momentum, eps,
-    TRAINING: tl.constexpr, HAS_RUNNING: tl.constexpr, BLOCK_C: tl.constexpr,
+    TRAINING: tl.constexpr, HAS_RUNNING: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cols < C
     if TRAINING:
-        total = tl.zeros((BLOCK_C,), tl.float32)
-        total_sq = tl.zeros((BLOCK_C,), tl.float32)
-        for s in range(0, splits):
-            total += tl.load(PSUM + s * C + cols, mask=ok, other=0.0)
-            total_sq += tl.load(PSQ + s * C + cols, mask=ok, other=0.0)
+        total, total_sq = _sum_splits(PSUM, PSQ, cols, ok, splits, C, BLOCK_C, BLOCK_S)
         shifted_mean = total / M
         var = tl.maximum(total_sq / M - shifted_mean * shifted_mean, 0.0)
         mean = shifted_mean + tl.load(SHIFT + cols, mask=ok, other=0.0)
@@ -176,15 +195,11 @@ def _finalize_bwd_kernel(
     DW, DB,            # [C] fp32 out
     K_G, K_X, K_0,     # [C] fp32 out: dx = g * K_G + x * K_X + K_0
     splits, C, M,
-    TRAINING: tl.constexpr, BLOCK_C: tl.constexpr,
+    TRAINING: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cols < C
-    sum_g = tl.zeros((BLOCK_C,), tl.float32)
-    sum_gx = tl.zeros((BLOCK_C,), tl.float32)
-    for s in range(0, splits):
-        sum_g += tl.load(PSUM + s * C + cols, mask=ok, other=0.0)
-        sum_gx += tl.load(PSUMX + s * C + cols, mask=ok, other=0.0)
+    sum_g, sum_gx = _sum_splits(PSUM, PSUMX, cols, ok, splits, C, BLOCK_C, BLOCK_S)
     invstd = tl.load(INVSTD + cols, mask=ok, other=0.0)
     mean = tl.load(MEAN + cols, mask=ok, other=0.0)
     k_g = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32) * invstd
@@ -240,6 +255,13 @@ class _Geometry(NamedTuple):
     block_c: int
     splits: int          # row chunks per channel block in a reduction
     rows_per_split: int
+    block_s: int         # splits per step of the finalise sum
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_PROGRAMS
 
 
 def _geometry(x: torch.Tensor) -> _Geometry:
@@ -254,10 +276,12 @@ def _geometry(x: torch.Tensor) -> _Geometry:
         block_c = 16
     block_m = TILE_ELEMENTS // block_c
     c_blocks = triton.cdiv(c, block_c)
-    splits = max(1, min(MAX_SPLITS, triton.cdiv(max(m, 1), block_m), triton.cdiv(TARGET_PROGRAMS, c_blocks)))
+    # At least one row tile per split; the SM count, not the channels, sets the program count.
+    splits = max(1, min(triton.cdiv(max(m, 1), block_m), triton.cdiv(_target_programs(x.device), c_blocks)))
     rows_per_split = triton.cdiv(triton.cdiv(max(m, 1), splits), block_m) * block_m
-    return _Geometry(m, c, s, channels_last, block_m, block_c, triton.cdiv(max(m, 1), rows_per_split),
-                     rows_per_split)
+    splits = triton.cdiv(max(m, 1), rows_per_split)
+    block_s = min(max(1, FINALIZE_ELEMENTS // block_c), triton.next_power_of_2(splits))
+    return _Geometry(m, c, s, channels_last, block_m, block_c, splits, rows_per_split, block_s)
 
 
 def _forward_impl(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu, y):
@@ -284,7 +308,8 @@ def _forward_impl(x, weight, bias, residual, running_mean, running_var, training
     rv = running_var if has_running else mean
     _finalize_fwd_kernel[(c_grid,)](psum, psq, shift, weight, bias, rm, rv, mean, invstd, scale, offset,
                                     splits, c, float(m), momentum, eps,
-                                    TRAINING=training, HAS_RUNNING=has_running, BLOCK_C=g.block_c)
+                                    TRAINING=training, HAS_RUNNING=has_running, BLOCK_C=g.block_c,
+                                    BLOCK_S=g.block_s if training else 1)
     _apply_fwd_kernel[(triton.cdiv(m, g.block_m), c_grid)](
         x, residual if residual is not None else x, y, scale, offset, m, c, g.s,
         HAS_RESIDUAL=residual is not None, RELU=relu, CHANNELS_LAST=g.channels_last,
@@ -327,7 +352,7 @@ def bn_act_bwd_triton(grad_y: torch.Tensor, x: torch.Tensor, y: torch.Tensor, we
                                            CHANNELS_LAST=g.channels_last, BLOCK_M=g.block_m, BLOCK_C=g.block_c)
     k_g, k_x, k_0 = torch.empty(c, **f32), torch.empty(c, **f32), torch.empty(c, **f32)
     _finalize_bwd_kernel[(c_grid,)](psum, psumx, mean, invstd, weight, dweight, dbias, k_g, k_x, k_0,
-                                    g.splits, c, float(m), TRAINING=training, BLOCK_C=g.block_c)
+                                    g.splits, c, float(m), TRAINING=training, BLOCK_C=g.block_c, BLOCK_S=g.block_s)
     # When the masked gradient is already in memory, read it instead of grad_y and y.
     _apply_bwd_kernel[(triton.cdiv(m, g.block_m), c_grid)](
         gres if write_masked_grad else grad_y, y, x, dx, k_g, k_x, k_0, m, c, g.s,

@@ -104,6 +104,68 @@ def test_matches_reference(device, backend, dtype, tol, shape, channels_last, re
         assert_close_scaled(g, g_ref, tol, name)
 
 
+def _reduction_grid(shape, channels_last, sms, monkeypatch):
+    """(programs, geometry) of the Triton statistics pass for a CUDA tensor of `shape` on a
+    device with `sms` SMs, without a GPU: a fake tensor carries the shape and device."""
+    import types
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from engine.kernels import bn_act as kernels
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda *_: types.SimpleNamespace(multi_processor_count=sms))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    with FakeTensorMode():
+        geo = kernels._geometry(torch.empty(shape, dtype=torch.bfloat16, device="cuda").to(memory_format=fmt))
+    return -(-shape[1] // geo.block_c) * geo.splits, geo
+
+
+@pytest.mark.parametrize("shape, channels_last", [
+    ((256, 64, 112, 112), True),   # the stem: one channel block, so only the rows can spread out
+    ((256, 3072, 56, 56), True),   # ResNeXt-101 32x48d layer2's input norm
+    ((256, 3072, 56, 56), False),
+    ((64, 1536, 56, 56), True),    # 32x48d layer1's bn1
+])
+def test_reduction_grid_fills_the_gpu(shape, channels_last, monkeypatch):
+    """The reduction passes launch programs by the SM count, several waves of them (they
+    were capped at 1,024 programs: 256 for the stem, a quarter wave of resident programs on
+    132 SMs), and their row chunks cover every row exactly once."""
+    n, c, h, w = shape
+    programs, geo = _reduction_grid(shape, channels_last, 132, monkeypatch)
+    assert 12 * 132 <= programs <= 20 * 132, (programs, geo)
+    assert (geo.splits - 1) * geo.rows_per_split < n * h * w <= geo.splits * geo.rows_per_split
+    assert geo.rows_per_split % geo.block_m == 0
+    # Twice the SMs, about twice the programs.
+    bigger, _ = _reduction_grid(shape, channels_last, 264, monkeypatch)
+    assert bigger >= 1.8 * programs
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and DEVICE == "cpu",
+                    reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_partial_sums_are_added_in_steps_deterministically(channels_last, monkeypatch):
+    """The finalise adds the row chunks' partial sums a block of chunks at a time: here 4 per
+    step over 11 chunks (the last step partial), forward and backward; the result matches
+    the reference and is bitwise the same on a second run."""
+    from engine.kernels import bn_act as kernels
+    monkeypatch.setattr(kernels, "FINALIZE_ELEMENTS", 4 * (32 if channels_last else 16))
+    shape = (3, 8, 30, 30) if not channels_last else (3, 20, 22, 20)
+    x, res, params, grad = make_inputs(shape, torch.float32, DEVICE, channels_last, True)
+    geo = kernels._geometry(x)
+    assert geo.block_s == 4 and geo.splits > 2 * geo.block_s and geo.splits % geo.block_s, geo
+    first = run(bn_act, x, res, params, grad, True, True, backend="triton")
+    second = run(bn_act, x, res, params, grad, True, True, backend="triton")
+    ref = run(reference_fp32, x, res, params, grad, True, True)
+    for a, b in zip(torch.utils._pytree.tree_leaves(first), torch.utils._pytree.tree_leaves(second)):
+        assert torch.equal(a, b)
+    y, rm, rv, grads = first
+    assert_close_scaled(y, ref[0], 1e-5, "output")
+    assert_close(rm, ref[1], 1e-5, 1e-4, "running_mean")
+    assert_close(rv, ref[2], 1e-5, 1e-3, "running_var")
+    for name, g, g_ref in zip(["dx", "dweight", "dbias", "dresidual"], grads, ref[3]):
+        assert_close_scaled(g, g_ref, 1e-5, name)
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_empty_batch(backend):
     x, _, params, _ = make_inputs((2, 5, 3, 3), torch.float32, DEVICE, False, False)
