@@ -184,11 +184,20 @@ def lr_lambda(cfg: Config):
     return factor
 
 
+def tag_width(loader) -> Optional[int]:
+    """Tags per image in the loader's batches (their [micro, K] int32 tensor's K), or None
+    when the loader does not say."""
+    if isinstance(loader, SyntheticBatches):
+        return loader.tags.shape[1]
+    return getattr(getattr(loader, "source", None), "max_tags", None)
+
+
 def wrap_trunk(cfg: Config, trunk: nn.Module, d: DistInfo, device: torch.device, micro: int,
-               amp_dtype: torch.dtype):
+               amp_dtype: torch.dtype, head: Optional[nn.Module] = None, tags_per_image: Optional[int] = None):
     """(the callable that maps images to features, the DDP module or None): cuDNN's benchmark
     mode, SyncBN, the fused kernels' checks and tuning (GPU), CUDA graphs, DDP with the summing hook, torch.compile,
-    in that order."""
+    in that order. With `head` and the loader's `tags_per_image`, the head's kernels are
+    checked in the same warm-up, at the step's shapes."""
     m = cfg.model
     # Before the fused blocks' tuning too: the grouped 3x3 is timed against cuDNN at its best.
     torch.backends.cudnn.benchmark = m.cudnn_benchmark
@@ -201,11 +210,15 @@ def wrap_trunk(cfg: Config, trunk: nn.Module, d: DistInfo, device: torch.device,
         fmt = torch.channels_last if m.channels_last else torch.contiguous_format
         sample = torch.randn(micro, 3, cfg.data.image_size, cfg.data.image_size, device=device, dtype=amp_dtype,
                              generator=torch.Generator(device).manual_seed(0)).contiguous(memory_format=fmt)
+        # A sampled head's vocabulary changes every step, and so does its key: nothing to check ahead.
+        check_head = bool(head is not None and tags_per_image and getattr(head, "sample_fraction", 1.0) == 1.0)
+        tags = torch.randint(0, head.num_classes, (micro, tags_per_image), dtype=torch.int32,
+                             generator=torch.Generator().manual_seed(0)).to(device) if check_head else None
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32, cache_enabled=False):
-            # Every fused kernel is checked against the reference (all shapes in one child process)
-            # and the grouped 3x3 is timed before the first step: in eager mode this saves a child
-            # process per shape, and neither tracing nor capture can check or time at all.
-            autotune_fused_blocks(trunk, sample)
+            # Every fused kernel and the head's are checked against the reference (all shapes in one
+            # child process) and the grouped 3x3 is timed before the first step: in eager mode this
+            # saves a child process per shape, and neither tracing nor capture can check or time at all.
+            autotune_fused_blocks(trunk, sample, head if check_head else None, tags)
             if m.cuda_graphs:
                 trunk = torch.cuda.make_graphed_callables(trunk, (sample,))
     ddp = None

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from engine import checkpoint as ckpt_mod
 from engine.builders import (build_head, build_loader, build_optimizer, build_trunk,
                              iter_forever, load_init_weights, lr_lambda, oom_advice, peak_lr, pick_device,
-                             preflight, vocab_size, wrap_trunk)
+                             preflight, tag_width, vocab_size, wrap_trunk)
 from engine.config import Config, ConfigError, accumulation, to_json, validate
 from engine.distributed import init_distributed
 from engine.metrics import MetricLogger, model_flops_per_image
@@ -170,7 +170,8 @@ class Trainer:
         self.loader = build_loader(cfg, self.dist, self.device, self.micro, self.amp_dtype)
         self.state = TrainState()
         self._maybe_resume()
-        self.model, self.ddp = wrap_trunk(cfg, self.trunk, self.dist, self.device, self.micro, self.amp_dtype)
+        self.model, self.ddp = wrap_trunk(cfg, self.trunk, self.dist, self.device, self.micro, self.amp_dtype,
+                                          self.head, tag_width(self.loader))
         self.flops_per_image = model_flops_per_image(cfg, self.vocab)
         self.log = MetricLogger(cfg, self.dist, self.device, self.flops_per_image, self.micro)
         self.counters = StepCounters(self.device, self.state, cfg.train.max_nonfinite)

@@ -339,3 +339,39 @@ def test_an_untuned_key_under_compile_warns_once_and_answers_reference():
         compiled(torch.ones(4))
     assert len([c for c in caught if "was not autotuned" in str(c.message)]) == 1
     verify.forget_memory()
+
+
+def test_warm_up_checks_the_head_with_the_trunk_in_one_child(monkeypatch, tmp_path):
+    """The training loop's warm-up (engine.models.autotune_fused_blocks, run by
+    builders.wrap_trunk on a GPU) runs the hashtag head on the trunk's features too: its
+    kernels are checked at the step's key in the same child as the trunk's, before any of
+    them runs, and the step that follows checks nothing and runs the verified backends.
+    The head's counters are left as they were."""
+    from torch import nn
+
+    from engine.heads import HashtagHead
+    from engine.models import autotune_fused_blocks
+    from engine.ops import BatchNormAct2d, bn_act_op
+    from engine.ops.hashtag_ce import hashtag_ce_op
+    monkeypatch.setenv("ENGINE_VERIFY", "1")
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
+    verify.forget_memory()
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Conv2d(3, 16, 3, bias=False), BatchNormAct2d(16), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten()).train()
+    head = HashtagHead(16, 37, static_batch=True).train()
+    tags = torch.randint(0, 37, (4, 3), dtype=torch.int32)
+    tags[1] = -1  # a row without tags: counted in empty_rows by a training call
+    spawns = _spawns(monkeypatch)
+    assert autotune_fused_blocks(trunk, torch.randn(4, 3, 8, 8), head, tags) == 1
+    assert len(spawns) == 1
+    assert {op for op, _ in spawns[0]} == {"bn_act", "hashtag_ce"}
+    assert ("hashtag_ce", "triton") in spawns[0]
+    assert head.empty_rows.item() == 0
+    monkeypatch.setattr(verify, "run_jobs", lambda *a, **k: pytest.fail("the step ran a check after the warm-up"))
+    loss = head(trunk(torch.randn(4, 3, 8, 8)), tags)
+    loss.backward()
+    assert hashtag_ce_op.last_decision.backend == "triton", hashtag_ce_op.last_decision
+    assert bn_act_op.last_decision.backend != "reference", bn_act_op.last_decision
+    assert head.weight.grad is not None and head.empty_rows.item() == 1
+    verify.forget_memory()
