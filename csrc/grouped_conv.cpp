@@ -121,13 +121,17 @@ struct CpuBlocks {
     explicit Guard(const c10::Device&) {}
   };
 
-  // A small "SM count": the weight gradient still splits its rows, so tests cover the split sum.
-  static int64_t processors(const at::Tensor&) { return 2; }
+  // A small "device" (2 SMs of 4 blocks): the weight gradient still splits its rows, so
+  // tests cover the split sum.
+  template <typename T, int CG, int TAPS>
+  static int64_t wgrad_resident_blocks(const at::Tensor&) {
+    return 8;
+  }
 
-  template <typename T, int CG, bool TRANSPOSED>
+  template <typename T, int CG, bool TRANSPOSED, int STRIDE, bool PROLOGUE>
   static void conv(const direct::ConvArgs<T>& a, int group_chunks) {
     const int threads = direct::kThreads;
-    std::vector<float> smem(direct::conv_shared_floats(CG, a.GB, threads));
+    std::vector<float> smem(direct::conv_shared_floats(CG, threads));
     std::vector<direct::RowStats<CG>> stats(threads);
     for (int by = 0; by < group_chunks; ++by) {
       for (int bx = 0; bx < a.tiles; ++bx) {
@@ -135,7 +139,7 @@ struct CpuBlocks {
           direct::conv_load_weights<T, CG, TRANSPOSED>(a, by, t, threads, smem.data());
         }
         for (int t = 0; t < threads; ++t) {
-          stats[t] = direct::conv_rows<T, CG, TRANSPOSED>(a, bx, by, t, threads, smem.data());
+          stats[t] = direct::conv_rows<T, CG, TRANSPOSED, STRIDE, PROLOGUE>(a, bx, by, t, threads, smem.data());
         }
         if (a.part == nullptr) continue;
         for (int t = 0; t < threads; ++t) direct::conv_share_stats<CG>(stats[t], t, smem.data());

@@ -61,9 +61,19 @@ void launch_conv(const at::Tensor& src, const at::Tensor& weight, const std::opt
                                     static_cast<int>(src.size(2)), static_cast<int>(src.size(3)),
                                     static_cast<int>(dest.size(2)), static_cast<int>(dest.size(3)),
                                     static_cast<int>(channels), static_cast<int>(groups), gb,
-                                    static_cast<int>(stride), static_cast<int>(rows_per_part),
-                                    static_cast<int>(tiles)};
-      Blocks::template conv<scalar_t, CG, TRANSPOSED>(args, static_cast<int>((groups + gb - 1) / gb));
+                                    static_cast<int>(rows_per_part), static_cast<int>(tiles)};
+      const int group_chunks = static_cast<int>((groups + gb - 1) / gb);
+      with_stride(stride, [&](auto s) {
+        constexpr int STRIDE = decltype(s)::value;
+        // The data gradient has no prologue: no kernels for it.
+        if constexpr (TRANSPOSED) {
+          Blocks::template conv<scalar_t, CG, true, STRIDE, false>(args, group_chunks);
+        } else if (in_scale.has_value()) {
+          Blocks::template conv<scalar_t, CG, false, STRIDE, true>(args, group_chunks);
+        } else {
+          Blocks::template conv<scalar_t, CG, false, STRIDE, false>(args, group_chunks);
+        }
+      });
     });
   });
 }
@@ -113,7 +123,8 @@ at::Tensor direct_conv_wgrad(const at::Tensor& grad_y, const at::Tensor& x, cons
       constexpr int CG = decltype(cg)::value;
       constexpr int TAPS = direct::wgrad_taps<CG>();
       const int gb = direct::groups_per_block(groups, CG);
-      const direct::WgradPlan plan = direct::wgrad_plan(m, groups, TAPS, gb, Blocks::processors(x));
+      const direct::WgradPlan plan =
+          direct::wgrad_plan(m, groups, TAPS, gb, Blocks::template wgrad_resident_blocks<scalar_t, CG, TAPS>(x));
       at::Tensor part = at::empty({plan.splits, 9, channels, CG}, x.options().dtype(at::kFloat));
       const direct::WgradArgs<scalar_t> args{grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                                              direct::optional_ptr(in_scale), direct::optional_ptr(in_shift),

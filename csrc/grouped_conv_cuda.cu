@@ -11,13 +11,13 @@
 namespace engine {
 namespace {
 
-template <typename T, int CG, bool TRANSPOSED>
+template <typename T, int CG, bool TRANSPOSED, int STRIDE, bool PROLOGUE>
 __global__ void __launch_bounds__(direct::kThreads) direct_conv_kernel(const direct::ConvArgs<T> a) {
   extern __shared__ float smem[];
   direct::conv_load_weights<T, CG, TRANSPOSED>(a, blockIdx.y, threadIdx.x, blockDim.x, smem);
   __syncthreads();
   const direct::RowStats<CG> stats =
-      direct::conv_rows<T, CG, TRANSPOSED>(a, blockIdx.x, blockIdx.y, threadIdx.x, blockDim.x, smem);
+      direct::conv_rows<T, CG, TRANSPOSED, STRIDE, PROLOGUE>(a, blockIdx.x, blockIdx.y, threadIdx.x, blockDim.x, smem);
   if (a.part == nullptr) return;
   // The weights' shared memory now holds each thread's statistics.
   __syncthreads();
@@ -48,17 +48,23 @@ __global__ void __launch_bounds__(direct::kThreads) direct_wgrad_kernel(const di
 struct CudaBlocks {
   using Guard = c10::cuda::CUDAGuard;
 
-  static int64_t processors(const at::Tensor& t) {
-    int sms = 0;
+  // Blocks of the weight gradient kernel the device runs at once, as the occupancy API
+  // computes them from its registers and shared memory (2 per SM at width 8, not 4).
+  template <typename T, int CG, int TAPS>
+  static int64_t wgrad_resident_blocks(const at::Tensor& t) {
+    int sms = 0, per_sm = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, t.get_device()));
-    return sms;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, direct_wgrad_kernel<T, CG, TAPS>,
+                                                                 direct::kThreads, 0));
+    return static_cast<int64_t>(sms) * per_sm;
   }
 
-  template <typename T, int CG, bool TRANSPOSED>
+  template <typename T, int CG, bool TRANSPOSED, int STRIDE, bool PROLOGUE>
   static void conv(const direct::ConvArgs<T>& a, int group_chunks) {
-    const size_t smem = sizeof(float) * direct::conv_shared_floats(CG, a.GB, direct::kThreads);
+    const size_t smem = sizeof(float) * direct::conv_shared_floats(CG, direct::kThreads);
     const dim3 grid(static_cast<unsigned>(a.tiles), static_cast<unsigned>(group_chunks));
-    direct_conv_kernel<T, CG, TRANSPOSED><<<grid, direct::kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(a);
+    direct_conv_kernel<T, CG, TRANSPOSED, STRIDE, PROLOGUE>
+        <<<grid, direct::kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 

@@ -48,31 +48,51 @@ namespace engine {
 namespace direct {
 
 constexpr int kThreads = 256;
-// Blocks per SM the weight gradient's row split aims for.
-constexpr int kWgradBlocksPerSM = 4;
 // Output rows per block (and per statistics partial) of the data gradient, which has no statistics.
 constexpr int kDgradRowsPerBlock = 512;
 
 // Row `dest` of the output (forward) or of the input gradient (transposed), through tap
 // `k` of one spatial axis: the row of the source it reads, or -1 where that is padding
 // (forward) or no output pixel lands (transposed, stride 2 skips every other one).
-template <bool TRANSPOSED>
-ENGINE_HOST_DEVICE inline int source_row(int dest, int k, int stride, int source_size) {
+// STRIDE is a template parameter so that the transposed case's division and remainder
+// compile to a shift and a mask instead of an integer division.
+template <bool TRANSPOSED, int STRIDE>
+ENGINE_HOST_DEVICE inline int source_row(int dest, int k, int source_size) {
+  static_assert(STRIDE == 1 || STRIDE == 2, "the direct kernels take stride 1 or 2");
   int s;
   if (TRANSPOSED) {
     const int t = dest + 1 - k;
-    if (t < 0 || t % stride != 0) return -1;
-    s = t / stride;
+    if (t < 0) return -1;
+    // Unsigned, so that the compiler needs no rounding fix-up for negative values.
+    const unsigned u = static_cast<unsigned>(t);
+    if (u % STRIDE != 0) return -1;
+    s = static_cast<int>(u / STRIDE);
   } else {
-    s = dest * stride - 1 + k;
+    s = dest * STRIDE - 1 + k;
   }
   return (s >= 0 && s < source_size) ? s : -1;
 }
 
+// Wherever source_row is not -1 it is anchor_row(dest) + tap_shift(k): the anchor depends
+// on the pixel only and the shift on the tap only (transposed, stride 2: the taps that
+// land are k = 1 - (dest & 1) + 2i, and (dest + 1 - k) / 2 = (dest + 1) / 2 - k / 2 for
+// them), so a tap's source address is a per-pixel offset plus one the whole block shares.
+template <bool TRANSPOSED, int STRIDE>
+ENGINE_HOST_DEVICE inline int anchor_row(int dest) {
+  return TRANSPOSED ? static_cast<int>(static_cast<unsigned>(dest + 1) / STRIDE) : dest * STRIDE - 1;
+}
+
+template <bool TRANSPOSED, int STRIDE>
+ENGINE_HOST_DEVICE inline int tap_shift(int k) {
+  return TRANSPOSED ? -(k / STRIDE) : k;
+}
+
 // Groups per block: a power of two so that lanes divide the block, at most 32 (a warp
 // spans whole pixels), and at width 8 at most 16 to keep the weights under 48 KiB.
+ENGINE_HOST_DEVICE constexpr int max_groups_per_block(int width) { return width == 8 ? 16 : 32; }
+
 inline int groups_per_block(int64_t groups, int width) {
-  const int64_t cap = std::min<int64_t>(groups, width == 8 ? 16 : 32);
+  const int64_t cap = std::min<int64_t>(groups, max_groups_per_block(width));
   int gb = 1;
   while (gb * 2 <= cap) gb *= 2;
   return gb;
@@ -122,22 +142,30 @@ struct ConvArgs {
   T* dest;                // [N, Hd, Wd, C]
   float* part;            // [2, tiles, C] or null: per tile, sum and centred sum of squares
   int64_t M;              // N * Hd * Wd
-  int Hs, Ws, Hd, Wd, C, G, GB, stride, rows_per_part, tiles;
+  int Hs, Ws, Hd, Wd, C, G, GB, rows_per_part, tiles;  // the stride is the kernels' STRIDE
 };
 
+// Weights a conv thread reads from shared memory at once: 4 (16 bytes) from width 4 up.
+ENGINE_HOST_DEVICE constexpr int conv_weight_vector(int width) { return width < 4 ? width : 4; }
+
 // Shared floats the conv kernel needs: its weights, then the statistics merge.
-inline int conv_shared_floats(int width, int gb, int threads) {
-  return std::max(9 * width * width * gb, threads * (1 + 2 * width));
+inline int conv_shared_floats(int width, int threads) {
+  return std::max(9 * width * width * max_groups_per_block(width), threads * (1 + 2 * width));
 }
 
-// Phase 1: the block's weights into shared memory as [tap][source j][destination o][group
-// lane], fp32, so that the lanes of a warp read consecutive words.
+// Phase 1: the block's weights into shared memory as fp32 [tap][source j][destination o /
+// WV][group lane][o % WV], WV = conv_weight_vector: a thread reads WV outputs' weights as
+// one vector, the lanes of a quarter warp read consecutive vectors (no bank conflicts), and
+// the group lanes' stride is the compile-time maximum, not the block's GB, so that every
+// read in the tap loop is at a constant offset from one per-thread address.
 template <typename T, int CG, bool TRANSPOSED>
 ENGINE_HOST_DEVICE inline void conv_load_weights(const ConvArgs<T>& a, int block_y, int thread, int threads,
                                                  float* smem) {
-  for (int e = thread; e < 9 * CG * CG * a.GB; e += threads) {
-    const int gl = e % a.GB, o = (e / a.GB) % CG, j = (e / (a.GB * CG)) % CG, tap = e / (a.GB * CG * CG);
-    const int group = block_y * a.GB + gl;
+  constexpr int WV = conv_weight_vector(CG), GBMAX = max_groups_per_block(CG);
+  for (int e = thread; e < 9 * CG * CG * GBMAX; e += threads) {
+    const int gl = (e / WV) % GBMAX, o = (e / (WV * GBMAX)) % (CG / WV) * WV + e % WV;
+    const int j = (e / (GBMAX * CG)) % CG, tap = e / (GBMAX * CG * CG);
+    const int group = gl < a.GB ? block_y * a.GB + gl : a.G;
     // Forward: output o of the group reads input j through weight[o][j]; transposed: input
     // gradient o reads output gradient j through weight[j][o].
     const int w_out = TRANSPOSED ? j : o, w_in = TRANSPOSED ? o : j;
@@ -162,78 +190,92 @@ constexpr int conv_pixels_per_thread() {
 // Phase 2: the thread's rows of the tile (rows pixel_lane, pixel_lane + lanes, ... so a
 // warp's loads stay contiguous), PX at a time, written to dest; returns the Welford
 // statistics of what it stored (no rows for threads past the groups or the tile).
-template <typename T, int CG, bool TRANSPOSED>
+// PROLOGUE (the forward's batch norm + ReLU on load) is a template parameter so that the
+// tap loop has one path; the host picks it from in_scale.
+template <typename T, int CG, bool TRANSPOSED, int STRIDE, bool PROLOGUE>
 ENGINE_HOST_DEVICE inline RowStats<CG> conv_rows(const ConvArgs<T>& a, int block_x, int block_y, int thread,
                                                  int threads, const float* smem) {
   constexpr int PX = conv_pixels_per_thread<CG>();
+  constexpr int WV = conv_weight_vector(CG), GBMAX = max_groups_per_block(CG);
   RowStats<CG> stats;
   const Lane lane(thread, threads, a.GB);
   const int group = block_y * a.GB + lane.group_lane;
   if (group >= a.G) return stats;
-  const bool prologue = a.in_scale != nullptr;
   float scale[CG], shift[CG];
   ENGINE_UNROLL
   for (int j = 0; j < CG; ++j) {
-    scale[j] = prologue ? a.in_scale[group * CG + j] : 1.f;
-    shift[j] = prologue ? a.in_shift[group * CG + j] : 0.f;
+    scale[j] = PROLOGUE ? a.in_scale[group * CG + j] : 1.f;
+    shift[j] = PROLOGUE ? a.in_shift[group * CG + j] : 0.f;
   }
   const int64_t first = static_cast<int64_t>(block_x) * a.rows_per_part;
   const int64_t last = first + a.rows_per_part < a.M ? first + a.rows_per_part : a.M;
-  const int64_t plane = static_cast<int64_t>(a.Hd) * a.Wd;
+  const int64_t plane = static_cast<int64_t>(a.Hd) * a.Wd, source_plane = static_cast<int64_t>(a.Hs) * a.Ws;
   for (int64_t base = first + lane.pixel_lane; base < last; base += PX * lane.pixel_lanes) {
-    int64_t row[PX], image[PX];
-    int dh[PX], dw[PX];
-    bool ok[PX];
+    int64_t row[PX], anchor[PX];  // anchor: element offset of the group at the pixel's source anchor
+    unsigned taps[PX];            // bit tap: that tap reads a source pixel
+    unsigned any_taps = 0;
     float acc[PX][CG];
     ENGINE_UNROLL
     for (int k = 0; k < PX; ++k) {
       row[k] = base + k * lane.pixel_lanes;
-      ok[k] = row[k] < last;
-      const int64_t r = ok[k] ? row[k] : base;
-      image[k] = r / plane;
-      const int pixel = static_cast<int>(r - image[k] * plane);
-      dh[k] = pixel / a.Wd;
-      dw[k] = pixel - dh[k] * a.Wd;
+      const bool ok = row[k] < last;
+      const int64_t r = ok ? row[k] : base;
+      const int64_t image = r / plane;
+      const int pixel = static_cast<int>(r - image * plane);
+      const int dh = pixel / a.Wd, dw = pixel - dh * a.Wd;
+      anchor[k] = (image * source_plane + static_cast<int64_t>(anchor_row<TRANSPOSED, STRIDE>(dh)) * a.Ws +
+                   anchor_row<TRANSPOSED, STRIDE>(dw)) * a.C + group * CG;
+      unsigned columns = 0;
+      ENGINE_UNROLL
+      for (int kw = 0; kw < 3; ++kw) columns |= (source_row<TRANSPOSED, STRIDE>(dw, kw, a.Ws) >= 0 ? 1u : 0u) << kw;
+      taps[k] = 0;
+      ENGINE_UNROLL
+      for (int kh = 0; kh < 3; ++kh) {
+        if (ok && source_row<TRANSPOSED, STRIDE>(dh, kh, a.Hs) >= 0) taps[k] |= columns << (kh * 3);
+      }
+      any_taps |= taps[k];
       ENGINE_UNROLL
       for (int o = 0; o < CG; ++o) acc[k][o] = 0.f;
     }
     // Taps one at a time: unrolling them would hold 9 x PX loaded vectors in registers.
     ENGINE_NO_UNROLL
     for (int tap = 0; tap < 9; ++tap) {
+      if (!((any_taps >> tap) & 1u)) continue;
       const int kh = tap / 3, kw = tap - kh * 3;
+      const int64_t step =
+          static_cast<int64_t>(tap_shift<TRANSPOSED, STRIDE>(kh) * a.Ws + tap_shift<TRANSPOSED, STRIDE>(kw)) * a.C;
       float h[PX][CG];
-      bool any = false;
       ENGINE_UNROLL
       for (int k = 0; k < PX; ++k) {
-        const int sh = source_row<TRANSPOSED>(dh[k], kh, a.stride, a.Hs);
-        const int sw = source_row<TRANSPOSED>(dw[k], kw, a.stride, a.Ws);
-        const bool valid = ok[k] && sh >= 0 && sw >= 0;
-        any |= valid;
+        const bool valid = (taps[k] >> tap) & 1u;
         Pack<T, CG> in;
-        if (valid) in = load_pack<T, CG>(a.src + ((image[k] * a.Hs + sh) * a.Ws + sw) * a.C + group * CG);
+        if (valid) in = load_pack<T, CG>(a.src + (anchor[k] + step));
         ENGINE_UNROLL
         for (int j = 0; j < CG; ++j) {
           float v = valid ? static_cast<float>(in.v[j]) : 0.f;
           // The padding is zero after the prologue, as for a stored normalised tensor.
-          if (prologue && valid) v = round_to<T>(fmaxf(fmaf(v, scale[j], shift[j]), 0.f));
+          if (PROLOGUE && valid) v = round_to<T>(fmaxf(fmaf(v, scale[j], shift[j]), 0.f));
           h[k][j] = v;
         }
       }
-      if (!any) continue;
-      const float* w = smem + tap * CG * CG * a.GB + lane.group_lane;
+      // One address per tap; every weight read below is at a constant offset from it.
+      const float* w = smem + tap * CG * CG * GBMAX + lane.group_lane * WV;
       ENGINE_UNROLL
       for (int j = 0; j < CG; ++j) {
         ENGINE_UNROLL
-        for (int o = 0; o < CG; ++o) {
-          const float wv = w[(j * CG + o) * a.GB];
+        for (int ov = 0; ov < CG / WV; ++ov) {
+          const Pack<float, WV> wv = load_pack<float, WV>(w + (j * (CG / WV) + ov) * GBMAX * WV);
           ENGINE_UNROLL
-          for (int k = 0; k < PX; ++k) acc[k][o] = fmaf(h[k][j], wv, acc[k][o]);
+          for (int oi = 0; oi < WV; ++oi) {
+            ENGINE_UNROLL
+            for (int k = 0; k < PX; ++k) acc[k][ov * WV + oi] = fmaf(h[k][j], wv.v[oi], acc[k][ov * WV + oi]);
+          }
         }
       }
     }
     ENGINE_UNROLL
     for (int k = 0; k < PX; ++k) {
-      if (!ok[k]) continue;
+      if (row[k] >= last) continue;
       Pack<T, CG> out;
       ENGINE_UNROLL
       for (int o = 0; o < CG; ++o) out.v[o] = static_cast<T>(acc[k][o]);
@@ -310,12 +352,14 @@ struct WgradPlan {
   int64_t tap_chunks, splits, group_chunks, rows_per_split;
 };
 
-inline WgradPlan wgrad_plan(int64_t m, int64_t groups, int taps, int gb, int64_t sms) {
+// `resident` is how many of the kernel's blocks the device runs at once (the occupancy
+// API's blocks per SM times the SMs): the rows are split so that the grid fills it.
+inline WgradPlan wgrad_plan(int64_t m, int64_t groups, int taps, int gb, int64_t resident) {
   WgradPlan plan;
   plan.tap_chunks = 9 / taps;
   plan.group_chunks = (groups + gb - 1) / gb;
   const int64_t lanes = kThreads / gb, per_split = plan.tap_chunks * plan.group_chunks;
-  int64_t splits = (kWgradBlocksPerSM * sms + per_split - 1) / per_split;
+  int64_t splits = (std::max<int64_t>(resident, 1) + per_split - 1) / per_split;
   splits = std::max<int64_t>(1, std::min<int64_t>({splits, (m + lanes - 1) / lanes, 65535}));
   plan.rows_per_split = (m + splits - 1) / splits;
   plan.splits = (m + plan.rows_per_split - 1) / plan.rows_per_split;
@@ -355,8 +399,9 @@ ENGINE_HOST_DEVICE inline WgradSums<CG, TAPS> wgrad_rows(const WgradArgs<T>& a, 
     ENGINE_UNROLL
     for (int t = 0; t < TAPS; ++t) {
       const int tap = tap_chunk * TAPS + t, kh = tap / 3, kw = tap - kh * 3;
-      const int ih = source_row<false>(oh, kh, a.stride, a.H), iw = source_row<false>(ow, kw, a.stride, a.W);
-      if (ih < 0 || iw < 0) continue;
+      // The stride multiplies here (no division), so it stays a runtime value.
+      const int ih = oh * a.stride - 1 + kh, iw = ow * a.stride - 1 + kw;
+      if (ih < 0 || ih >= a.H || iw < 0 || iw >= a.W) continue;
       const Pack<T, CG> in = load_pack<T, CG>(a.x + ((n * a.H + ih) * a.W + iw) * a.C + group * CG);
       ENGINE_UNROLL
       for (int j = 0; j < CG; ++j) {
@@ -411,6 +456,16 @@ inline void with_width(int64_t width, F&& f) {
     case 4: f(std::integral_constant<int, 4>{}); break;
     case 8: f(std::integral_constant<int, 8>{}); break;
     default: TORCH_CHECK(false, "grouped_conv3x3: no direct kernel for group width ", width);
+  }
+}
+
+// Runs f with the stride as a compile-time constant (1 or 2, what the checks accept).
+template <typename F>
+inline void with_stride(int64_t stride, F&& f) {
+  switch (stride) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: TORCH_CHECK(false, "grouped_conv3x3: stride must be 1 or 2, got ", stride);
   }
 }
 
