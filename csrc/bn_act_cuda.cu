@@ -13,6 +13,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
+
 #include "bn_act.h"
 
 namespace engine {
@@ -20,6 +24,12 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxSplits = 256;
+
+// The dtypes the checks accept: no kernels are compiled for the others (double).
+#define ENGINE_DISPATCH_BN_ACT_TYPES(TYPE, NAME, ...)                                         \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                    \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                 \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 // A reduction block covers CHANNELS channels by ROW_LANES rows per step; NHWC puts
 // channels on consecutive threads, NCHW puts pixels there, so loads coalesce in both.
@@ -113,17 +123,105 @@ __global__ void finalize_forward_kernel(const float* __restrict__ psum, const fl
   offset_out[c] = bias[c] - mean * scale;
 }
 
-template <typename scalar_t>
+// The elementwise passes move VEC consecutive elements per access: 16 bytes when the host
+// found every pointer 16-byte aligned (with_access), else VEC = 1. Elements past the last
+// whole vector (numel % VEC) are the scalar tail, done by the first threads. MAP says how
+// an access's elements find their channels (and per-channel coefficients):
+//   kChannels  NHWC with C % VEC == 0: channels c .. c + VEC - 1, coefficients loaded as vectors;
+//   kPlane     NCHW with S % VEC == 0: all in channel c, one coefficient;
+//   kStep      otherwise: each element's channel stepped from the first one's (a wrap
+//              where a row of C, or a plane of S, ends), one coefficient per element.
+// Either way the 64-bit division that finds a channel runs once per access.
+enum Mapping { kChannels, kPlane, kStep };
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+
+template <int VEC, int MAP>
+struct Channels {
+  static_assert(MAP != kChannels || VEC % 4 == 0, "vector coefficient loads take 4 floats at a time");
+  int64_t c[VEC];
+
+  __device__ Channels(int64_t e, int64_t C, int64_t S, bool channels_last) {
+    if (MAP == kChannels) {
+      c[0] = e % C;
+    } else if (MAP == kPlane) {
+      c[0] = (e / S) % C;
+    } else {
+      int64_t pos = 0;
+      if (channels_last) {
+        c[0] = e % C;
+      } else {
+        const int64_t plane = e / S;
+        pos = e - plane * S;
+        c[0] = plane % C;
+      }
+#pragma unroll
+      for (int k = 1; k < VEC; ++k) {
+        c[k] = c[k - 1];
+        if (!channels_last && ++pos < S) continue;
+        pos = 0;
+        if (++c[k] == C) c[k] = 0;
+      }
+    }
+  }
+
+  // Each element's value of a per-channel table.
+  __device__ void gather(const float* __restrict__ table, float (&out)[VEC]) const {
+    if (MAP == kChannels) {
+#pragma unroll
+      for (int q = 0; q < VEC; q += 4) {
+        const Vec<float, 4> v = *reinterpret_cast<const Vec<float, 4>*>(table + c[0] + q);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) out[q + k] = v.v[k];
+      }
+    } else if (MAP == kPlane) {
+      const float v = table[c[0]];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) out[k] = v;
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) out[k] = table[c[k]];
+    }
+  }
+};
+
+template <typename scalar_t, int VEC, int MAP>
+__device__ void apply_forward_at(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
+                                 scalar_t* __restrict__ y, const float* __restrict__ scale,
+                                 const float* __restrict__ offset, int64_t e, int64_t C, int64_t S,
+                                 bool channels_last, bool relu) {
+  using V = Vec<scalar_t, VEC>;
+  const V in = *reinterpret_cast<const V*>(x + e);
+  V res, out;
+  if (residual != nullptr) res = *reinterpret_cast<const V*>(residual + e);
+  const Channels<VEC, MAP> ch(e, C, S, channels_last);
+  float sc[VEC], of[VEC];
+  ch.gather(scale, sc);
+  ch.gather(offset, of);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    float v = static_cast<float>(in.v[k]) * sc[k] + of[k];
+    if (residual != nullptr) v += static_cast<float>(res.v[k]);
+    out.v[k] = static_cast<scalar_t>(relu ? fmaxf(v, 0.f) : v);
+  }
+  *reinterpret_cast<V*>(y + e) = out;
+}
+
+template <typename scalar_t, int VEC, int MAP>
 __global__ void apply_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
                                      scalar_t* __restrict__ y, const float* __restrict__ scale,
                                      const float* __restrict__ offset, int64_t elements, int64_t C, int64_t S,
                                      bool channels_last, bool relu) {
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < elements;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = channels_last ? e % C : (e / S) % C;
-    float v = static_cast<float>(x[e]) * scale[c] + offset[c];
-    if (residual != nullptr) v += static_cast<float>(residual[e]);
-    y[e] = static_cast<scalar_t>(relu ? fmaxf(v, 0.f) : v);
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x, whole = elements / VEC * VEC;
+  for (int64_t e = first * VEC; e < whole; e += step * VEC) {
+    apply_forward_at<scalar_t, VEC, MAP>(x, residual, y, scale, offset, e, C, S, channels_last, relu);
+  }
+  if (VEC > 1 && whole + first < elements) {
+    apply_forward_at<scalar_t, 1, kStep>(x, residual, y, scale, offset, whole + first, C, S, channels_last, relu);
   }
 }
 
@@ -181,18 +279,43 @@ __global__ void finalize_backward_kernel(const float* __restrict__ psum, const f
   k_0[c] = training ? -kg * sum_g / M - kx * mean[c] : 0.f;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int VEC, int MAP>
+__device__ void apply_backward_at(const scalar_t* __restrict__ g_in, const scalar_t* __restrict__ y,
+                                  const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
+                                  const float* __restrict__ k_g, const float* __restrict__ k_x,
+                                  const float* __restrict__ k_0, int64_t e, int64_t C, int64_t S, bool channels_last,
+                                  bool apply_mask) {
+  using V = Vec<scalar_t, VEC>;
+  const V g = *reinterpret_cast<const V*>(g_in + e), in = *reinterpret_cast<const V*>(x + e);
+  V out, mask;
+  if (apply_mask) mask = *reinterpret_cast<const V*>(y + e);
+  const Channels<VEC, MAP> ch(e, C, S, channels_last);
+  float kg[VEC], kx[VEC], k0[VEC];
+  ch.gather(k_g, kg);
+  ch.gather(k_x, kx);
+  ch.gather(k_0, k0);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    const float gk = apply_mask && static_cast<float>(mask.v[k]) <= 0.f ? 0.f : static_cast<float>(g.v[k]);
+    out.v[k] = static_cast<scalar_t>(gk * kg[k] + static_cast<float>(in.v[k]) * kx[k] + k0[k]);
+  }
+  *reinterpret_cast<V*>(dx + e) = out;
+}
+
+template <typename scalar_t, int VEC, int MAP>
 __global__ void apply_backward_kernel(const scalar_t* __restrict__ g_in, const scalar_t* __restrict__ y,
                                       const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
                                       const float* __restrict__ k_g, const float* __restrict__ k_x,
                                       const float* __restrict__ k_0, int64_t elements, int64_t C, int64_t S,
                                       bool channels_last, bool apply_mask) {
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < elements;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = channels_last ? e % C : (e / S) % C;
-    float g = static_cast<float>(g_in[e]);
-    if (apply_mask && static_cast<float>(y[e]) <= 0.f) g = 0.f;
-    dx[e] = static_cast<scalar_t>(g * k_g[c] + static_cast<float>(x[e]) * k_x[c] + k_0[c]);
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x, whole = elements / VEC * VEC;
+  for (int64_t e = first * VEC; e < whole; e += step * VEC) {
+    apply_backward_at<scalar_t, VEC, MAP>(g_in, y, x, dx, k_g, k_x, k_0, e, C, S, channels_last, apply_mask);
+  }
+  if (VEC > 1 && whole + first < elements) {
+    apply_backward_at<scalar_t, 1, kStep>(g_in, y, x, dx, k_g, k_x, k_0, whole + first, C, S, channels_last,
+                                          apply_mask);
   }
 }
 
@@ -229,6 +352,25 @@ unsigned elementwise_blocks(int64_t elements) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((elements + kThreads - 1) / kThreads, int64_t{sms} * 16)));
 }
 
+// Runs f(VEC, MAP) for an elementwise pass over x's geometry (see Mapping): 16 bytes per
+// access when every pointer the pass touches (null: unused) is 16-byte aligned, as fresh
+// allocations are, else one element (views).
+template <typename scalar_t, typename F>
+void with_access(const Geometry& geo, std::initializer_list<const void*> pointers, F&& f) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  bool aligned = true;
+  for (const void* p : pointers) aligned = aligned && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+  if (!aligned) {
+    f(std::integral_constant<int, 1>{}, std::integral_constant<int, kStep>{});
+  } else if (geo.channels_last && geo.channels % kVec == 0) {
+    f(std::integral_constant<int, kVec>{}, std::integral_constant<int, kChannels>{});
+  } else if (!geo.channels_last && geo.pixels % kVec == 0) {
+    f(std::integral_constant<int, kVec>{}, std::integral_constant<int, kPlane>{});
+  } else {
+    f(std::integral_constant<int, kVec>{}, std::integral_constant<int, kStep>{});
+  }
+}
+
 unsigned channel_blocks(int64_t channels) { return static_cast<unsigned>((channels + kThreads - 1) / kThreads); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
@@ -251,7 +393,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   auto w = weight.to(at::kFloat).contiguous(), b = bias.to(at::kFloat).contiguous();
   auto shift = at::empty({geo.channels}, f32), psum = at::empty({geo.splits, geo.channels}, f32);
   auto psq = at::empty({geo.splits, geo.channels}, f32);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_forward", [&] {
+  ENGINE_DISPATCH_BN_ACT_TYPES(x.scalar_type(), "bn_act_forward", [&] {
     if (training) {
       shift.copy_(x.select(0, 0).select(1, 0).select(1, 0));
       if (geo.channels_last) {
@@ -283,12 +425,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (training && running_mean.has_value() && !rm->is_same(*running_mean)) running_mean->copy_(*rm);
   if (training && running_var.has_value() && !rv->is_same(*running_var)) running_var->copy_(*rv);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_apply", [&] {
-    apply_forward_kernel<scalar_t><<<elementwise_blocks(geo.elements), kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr,
-        y.data_ptr<scalar_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), geo.elements, geo.channels,
-        geo.pixels, geo.channels_last, relu);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  ENGINE_DISPATCH_BN_ACT_TYPES(x.scalar_type(), "bn_act_apply", [&] {
+    const scalar_t* res = residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr;
+    with_access<scalar_t>(geo, {x.data_ptr(), res, y.data_ptr()}, [&](auto vec, auto map) {
+      constexpr int VEC = decltype(vec)::value, MAP = decltype(map)::value;
+      apply_forward_kernel<scalar_t, VEC, MAP><<<elementwise_blocks(geo.elements / VEC + 1), kThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), res, y.data_ptr<scalar_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(),
+          geo.elements, geo.channels, geo.pixels, geo.channels_last, relu);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {y, mean, invstd};
 }
@@ -309,7 +454,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   auto k_g = at::empty({geo.channels}, f32), k_x = at::empty({geo.channels}, f32);
   auto k_0 = at::empty({geo.channels}, f32);
   auto w = weight.to(at::kFloat).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward", [&] {
+  ENGINE_DISPATCH_BN_ACT_TYPES(x.scalar_type(), "bn_act_backward", [&] {
     scalar_t* masked_ptr = write_masked_grad ? masked.data_ptr<scalar_t>() : nullptr;
     if (geo.channels_last) {
       backward_reduce_kernel<scalar_t, true><<<geo.reduce_grid, kThreads, 0, stream>>>(
@@ -329,12 +474,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
         k_x.data_ptr<float>(), k_0.data_ptr<float>(), geo.splits, geo.channels, geo.rows, training);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // When the masked gradient is already in memory, read it instead of grad_y and y.
-    apply_backward_kernel<scalar_t><<<elementwise_blocks(geo.elements), kThreads, 0, stream>>>(
-        write_masked_grad ? masked_ptr : grad_y.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-        x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), k_g.data_ptr<float>(), k_x.data_ptr<float>(),
-        k_0.data_ptr<float>(), geo.elements, geo.channels, geo.pixels, geo.channels_last,
-        relu && !write_masked_grad);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t* g_in = write_masked_grad ? masked_ptr : grad_y.data_ptr<scalar_t>();
+    const bool apply_mask = relu && !write_masked_grad;
+    const void* mask = apply_mask ? y.data_ptr() : nullptr;
+    with_access<scalar_t>(geo, {g_in, mask, x.data_ptr(), dx.data_ptr()}, [&](auto vec, auto map) {
+      constexpr int VEC = decltype(vec)::value, MAP = decltype(map)::value;
+      apply_backward_kernel<scalar_t, VEC, MAP><<<elementwise_blocks(geo.elements / VEC + 1), kThreads, 0, stream>>>(
+          g_in, y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), k_g.data_ptr<float>(),
+          k_x.data_ptr<float>(), k_0.data_ptr<float>(), geo.elements, geo.channels, geo.pixels, geo.channels_last,
+          apply_mask);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {dx, dweight, dbias, masked};
 }
