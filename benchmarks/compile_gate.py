@@ -28,14 +28,16 @@ kernel modules with a stand-in for torch, since compiling needs none of it). Reg
 and local memory come from cuobjdump on the cubin, shared memory from Triton's metadata,
 and instruction counts (wgmma, cp.async, 2-byte global accesses) from the PTX.
 
-CUDA: csrc/*.cu compiled for sm_90 with `nvcc -Xptxas -v` (compile only; the extension
-is not rebuilt), results cached by source hash in .gate-cache/.
+CUDA: csrc/*.cu compiled for sm_90 with setup.py's NVCC_FLAGS and `-Xptxas -v` (compile
+only; the extension is not rebuilt); ptxas's figures and the SASS (cuda_sass, which
+tests/test_csrc_sass.py reads) cached by source hash in .gate-cache/.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import hashlib
 import json
 import os
@@ -461,14 +463,24 @@ def run_worker(python: str, specs: list[dict], arch: int, jobs: int) -> list[dic
 # --------------------------------------------------------------------------------------
 # CUDA: nvcc -Xptxas -v per translation unit.
 
+def setup_nvcc_flags() -> list[str]:
+    """setup.py's NVCC_FLAGS, read from its source (importing setup.py would run setup())."""
+    import ast
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NVCC_FLAGS" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    raise RuntimeError("setup.py defines no NVCC_FLAGS list")
+
+
 def _nvcc_command(source: str, arch: int, obj: str) -> list[str]:
     import sysconfig
 
     from torch.utils.cpp_extension import include_paths
     nvcc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
     includes = [f"-I{p}" for p in include_paths("cuda")] + [f"-I{sysconfig.get_paths()['include']}"]
-    # The flags of setup.py's build, plus ptxas's report.
-    flags = ["-O3", "--use_fast_math", "-lineinfo", "-std=c++20", "-DENGINE_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
+    # setup.py's flags, those torch's extension builder adds, and ptxas's report.
+    flags = [*setup_nvcc_flags(), "-std=c++20", "-DENGINE_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
              "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr", "-Xptxas", "-v"]
     return [nvcc, *includes, *flags, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-c", source, "-o", obj]
@@ -504,31 +516,41 @@ def _demangle(name: str) -> str:
         return name
 
 
-def compile_cuda(arch: int) -> list[dict]:
+def _compile_tu(source: str, arch: int) -> tuple[list[dict], str | None]:
+    """ptxas's rows and the SASS (cuobjdump -sass) of one translation unit, from the cache
+    (keyed by the command, the source and csrc's headers) or nvcc; SASS None on an error."""
     CACHE.mkdir(exist_ok=True)
-    rows = []
     headers = sorted((ROOT / "csrc").glob("*.h"))
-    for source in CUDA_SOURCES:
-        # The key leaves out the object path, a fresh temporary name each time.
-        digest = hashlib.sha256(json.dumps(_nvcc_command(source, arch, "k.o")[1:]).encode() + (ROOT / source).read_bytes()
-                                + b"".join(h.read_bytes() for h in headers)).hexdigest()[:20]
-        cached = CACHE / f"nvcc-{digest}.json"
-        if cached.exists():
-            rows += json.loads(cached.read_text())
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = _nvcc_command(source, arch, str(Path(tmp, "k.o")))
-            start = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    # The key leaves out the object path, a fresh temporary name each time.
+    digest = hashlib.sha256(json.dumps(_nvcc_command(source, arch, "k.o")[1:]).encode() + (ROOT / source).read_bytes()
+                            + b"".join(h.read_bytes() for h in headers)).hexdigest()[:20]
+    rows_path, sass_path = CACHE / f"nvcc-{digest}.json", CACHE / f"nvcc-{digest}.sass.gz"
+    if rows_path.exists() and sass_path.exists():
+        return json.loads(rows_path.read_text()), gzip.decompress(sass_path.read_bytes()).decode()
+    with tempfile.TemporaryDirectory() as tmp:
+        obj = str(Path(tmp, "k.o"))
+        start = time.perf_counter()
+        done = subprocess.run(_nvcc_command(source, arch, obj), capture_output=True, text=True, cwd=ROOT)
         if done.returncode != 0:
-            found = [{"source": source, "target": f"sm_{arch}", "error": done.stderr[-2000:]}]
-        else:
-            found = [dict(r, source=source) for r in _parse_ptxas(done.stderr)]
-            for r in found:
-                r["compile_s"] = round(time.perf_counter() - start, 1)
-            cached.write_text(json.dumps(found))
-        rows += found
-    return rows
+            return [{"source": source, "target": f"sm_{arch}", "error": done.stderr[-2000:]}], None
+        seconds = round(time.perf_counter() - start, 1)
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", obj], capture_output=True, text=True, check=True).stdout
+    rows = [dict(r, source=source, compile_s=seconds) for r in _parse_ptxas(done.stderr)]
+    rows_path.write_text(json.dumps(rows))
+    sass_path.write_bytes(gzip.compress(sass.encode()))
+    return rows, sass
+
+
+def compile_cuda(arch: int) -> list[dict]:
+    return [row for source in CUDA_SOURCES for row in _compile_tu(source, arch)[0]]
+
+
+def cuda_sass(source: str, arch: int = 90) -> str:
+    """The SASS of one of CUDA_SOURCES for sm_<arch>; raises on a compile error."""
+    rows, sass = _compile_tu(source, arch)
+    if sass is None:
+        raise RuntimeError(f"nvcc failed on {source}: {rows[0]['error']}")
+    return sass
 
 
 # --------------------------------------------------------------------------------------
