@@ -150,8 +150,15 @@ def test_bn_act_elementwise_moves_16_bytes(bn_act_kernels, kernel, dtype, vec):
         assert loads >= 2 and stores >= 1, f"{name}: {loads} 16-byte loads, {stores} 16-byte stores"
 
 
-def test_gate_compiles_with_setup_flags_without_fast_math():
+def test_setup_compiles_cuda_without_fast_math():
+    # Fast math flushes denormals and approximates the Welford merges' divisions; no GPU
+    # test has shown the kernels' tolerances hold with it.
     flags = compile_gate.setup_nvcc_flags()
-    assert "--use_fast_math" not in flags and "-use_fast_math" not in flags
+    assert not any("fast_math" in f or "fast-math" in f for f in flags), flags
+
+
+@needs_nvcc
+def test_gate_compiles_with_setup_flags():
+    flags = compile_gate.setup_nvcc_flags()
     command = compile_gate._nvcc_command("csrc/bn_act_cuda.cu", 90, "k.o")
-    assert command[command.index(flags[0]):][:len(flags)] == flags
+    assert command[command.index(flags[0]):][:len(flags)] == flags, command
