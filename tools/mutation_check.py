@@ -125,6 +125,18 @@ MUTATIONS = [
         "    return digest.hexdigest()[:16]\n", '    return "0" * 16\n',
         ("tests/test_verify.py", "-k", "digest"),
         "the autotune cache is never invalidated when a kernel, its glue or the extension changes"),
+    Mutation(
+        "pretraining-trunk-gets-no-gradient", "engine/train.py",
+        "loss = self.head(self.model(images), tags) / self.accum",
+        "loss = self.head(self.model(images).detach(), tags) / self.accum",
+        ("tests/test_transfer_probe.py", "-k", "linear_probe"),
+        "pretraining trains the head alone: the loss falls, but the trunk stays random"),
+    Mutation(
+        "transfer-never-loads-the-weights", "engine/evaluate.py",
+        "    missing, unexpected = trunk.load_state_dict(trunk_sd, strict=False)\n",
+        "    missing, unexpected = [], []\n",
+        ("tests/test_transfer_probe.py", "-k", "linear_probe"),
+        "engine eval probes a randomly initialised trunk whatever weights it is given"),
 ]
 
 

@@ -5,7 +5,10 @@ sprinkling of the awkward files a real crawl holds (the "zoo"). Nothing is
 downloaded; the same seed gives the same bytes.
 
 Each image's colours and stripe pattern depend on its first hashtag, so a model
-can learn something from it (the demo's loss goes down).
+can learn something from it (the demo's loss goes down). With `tag_colours=False`
+only the stripes (orientation and frequency) follow the hashtag and every image gets
+random colours: a randomly initialised trunk reads colour well and stripes badly, so
+a probe on such images tells a pretrained trunk from a random one.
 
 Layout of `out_dir`:
 
@@ -39,16 +42,20 @@ def tag_name(i: int) -> str:
     return _SPECIAL.get(i, "t%04d" % i)
 
 
-def _image(rng: np.random.Generator, h: int, w: int, tag: int) -> np.ndarray:
-    """uint8 [3, h, w]: hue and stripe frequency from the tag, plus a gradient and noise."""
-    hue_rng = np.random.default_rng(tag)
-    base = hue_rng.uniform(40, 215, size=3)
-    fx, fy = hue_rng.uniform(0.5, 6.0, size=2)
+def _image(rng: np.random.Generator, h: int, w: int, tag: int, tag_colours: bool = True) -> np.ndarray:
+    """uint8 [3, h, w]: stripe orientation and frequency (and, with tag_colours, the hue) from
+    the tag, plus a gradient and noise."""
+    tag_rng = np.random.default_rng(tag)
+    base = tag_rng.uniform(40, 215, size=3)
+    fx, fy = tag_rng.uniform(0.5, 6.0, size=2)
     y = np.linspace(0, 1, h, dtype=np.float32)[:, None]
     x = np.linspace(0, 1, w, dtype=np.float32)[None, :]
     stripes = np.sin(2 * np.pi * (fx * x + fy * y) + rng.uniform(0, 2 * np.pi))
     grad = rng.uniform(-30, 30) * (x - 0.5) + rng.uniform(-30, 30) * (y - 0.5)
-    img = base[:, None, None] + 40 * stripes[None] + grad[None] + rng.normal(0, 6, size=(3, h, w))
+    amplitude = np.full(3, 40.0)
+    if not tag_colours:
+        base, amplitude = rng.uniform(40, 215, size=3), rng.uniform(20, 50, size=3)
+    img = base[:, None, None] + amplitude[:, None, None] * stripes[None] + grad[None] + rng.normal(0, 6, size=(3, h, w))
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -127,6 +134,7 @@ def synth(
     tags_list_fraction: float = 0.1,
     metadata_format: str = "jsonl",
     progress: bool = True,
+    tag_colours: bool = True,
 ) -> dict:
     """Writes a synthetic dataset (module docstring); returns its paths and counts."""
     if n_images < 1 or vocab_size < 1:
@@ -170,7 +178,7 @@ def synth(
             ar = np.exp(rng.uniform(np.log(0.5), np.log(2.0)))
             h = int(np.clip(round(a / np.sqrt(ar)), min_side, max_side))
             w = int(np.clip(round(a * np.sqrt(ar)), min_side, max_side))
-            data = _jpeg(_image(rng, h, w, tags[0]), int(rng.integers(70, 96)))
+            data = _jpeg(_image(rng, h, w, tags[0], tag_colours), int(rng.integers(70, 96)))
             rel = write("img_%06d.jpg" % i, data)
             normal_files.append((rel, data))
             if rng.random() < no_hashtag_fraction:
@@ -254,15 +262,18 @@ def synth(
 
 
 def synth_imagefolder(out_dir: str, num_classes: int = 3, per_class: int = 6, seed: int = 0,
-                      min_side: int = 40, max_side: int = 120) -> str:
-    """An ImageFolder-style labelled set: out_dir/<class>/<n>.jpg (one PNG per class too)."""
+                      min_side: int = 40, max_side: int = 120, first_tag: int = 100,
+                      tag_colours: bool = True) -> str:
+    """An ImageFolder-style labelled set: out_dir/<class>/<n>.jpg (one PNG per class too).
+    Class c looks like hashtag first_tag + c of `synth`: the default, 100, gives classes
+    unlike any hashtag of a small vocabulary; 0 gives the pretraining hashtags themselves."""
     rng = np.random.default_rng(seed)
     for c in range(num_classes):
         d = os.path.join(out_dir, "class_%02d" % c)
         os.makedirs(d, exist_ok=True)
         for n in range(per_class):
             h, w = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
-            img = _image(rng, h, w, 100 + c)
+            img = _image(rng, h, w, first_tag + c, tag_colours)
             data = _png(img) if n == 0 else _jpeg(img, 90)
             with open(os.path.join(d, "%03d.%s" % (n, "png" if n == 0 else "jpg")), "wb") as f:
                 f.write(data)
