@@ -76,9 +76,10 @@ def test_gate_rejects_a_kernel_over_the_shared_memory_limit():
     script = r"""
 import json, torch
 from benchmarks import compile_gate as g
+from benchmarks import compile_gate_capture as cap
 from engine.kernels import conv_bn
-rec = g._Recorder()
-with g._intercepted(rec):
+rec = cap.Recorder()
+with cap.intercepted(rec):
     n, k, c, h = 64, 256, 1024, 14
     cuda = dict(device="cuda")
     x = torch.empty(n, k, h, h, dtype=torch.bfloat16, **cuda).to(memory_format=torch.channels_last)
@@ -124,9 +125,10 @@ def test_head_slices_not_a_multiple_of_16_keep_wide_accesses():
     script = r"""
 import json, torch
 from benchmarks import compile_gate as g
+from benchmarks import compile_gate_capture as cap
 from engine.kernels import hashtag_ce
-rec = g._Recorder()
-with g._intercepted(rec):
+rec = cap.Recorder()
+with cap.intercepted(rec):
     b, d, v, k = 512, 2048, 2125, 32
     cuda = dict(device="cuda")
     x, w = torch.empty(b, d, dtype=torch.bfloat16, **cuda), torch.empty(v, d, dtype=torch.bfloat16, **cuda)

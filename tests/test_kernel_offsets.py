@@ -21,10 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = r"""
 import json, sys, torch
 from benchmarks import compile_gate as g
+from benchmarks import compile_gate_capture as cap
 from engine.kernels import bn_act, conv_bn
 
-rec = g._Recorder()
-with g._intercepted(rec):
+rec = cap.Recorder()
+with cap.intercepted(rec):
     for layout in (torch.channels_last, torch.contiguous_format):
         x = torch.empty(256, 3072, 56, 56, dtype=torch.bfloat16, device="cuda").to(memory_format=layout)
         assert x.numel() >= 2**31
