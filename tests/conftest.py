@@ -8,6 +8,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,3 +30,23 @@ def _no_forced_backend(monkeypatch):
 def _seeded():
     # Every test draws the same inputs whatever ran before it.
     torch.manual_seed(0)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value into Python (item(), float(), bool(), ...): each
+    one is a host sync on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def host_reads():
+    """HostReads, the class: `with host_reads() as mode: ...; mode.reads`."""
+    return HostReads

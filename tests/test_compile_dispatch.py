@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.models import autotune_fused_blocks, resnext
 from engine.ops import backends, bn_act_op, verify
@@ -114,27 +113,14 @@ def test_keys_hold_concrete_sizes_under_dynamic_shapes(device_path, monkeypatch)
     assert any("float32[6x8x5x5]" in k for k in looked_up)
 
 
-class _ScalarReads(TorchDispatchMode):
-    """Counts reads of a tensor's value into Python (item(), float(), bool()): host syncs on a GPU."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.reads += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("backend", ["reference", "cuda", "triton"])
-def test_cumulative_batch_norm_has_no_host_sync(monkeypatch, backend):
+def test_cumulative_batch_norm_has_no_host_sync(monkeypatch, backend, host_reads):
     monkeypatch.setenv("ENGINE_BACKEND", backend)
     ours = BatchNormAct2d(6, relu=True, momentum=None)
     theirs = torch.nn.BatchNorm2d(6, momentum=None)
     for _ in range(3):
         x = torch.randn(3, 6, 4, 5)
-        with _ScalarReads() as mode:
+        with host_reads() as mode:
             y = ours(x)
         assert mode.reads == 0
         torch.testing.assert_close(y, torch.relu(theirs(x)), rtol=1e-5, atol=1e-5)

@@ -441,21 +441,8 @@ def test_reference_backend_is_torchvisions_block():
         torch.testing.assert_close(ours.state_dict()[key], value)
 
 
-class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts reads of a tensor's value back to the host (item, float, bool, ...)."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.reads += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_cumulative_average_has_no_host_sync(backend):
+def test_cumulative_average_has_no_host_sync(backend, host_reads):
     """momentum=None (nn.BatchNorm2d's cumulative moving average): the factor 1/batches stays
     on the device, and the four norms' running statistics match torchvision's block."""
     theirs, ours = make_pair(16, 8, 2, True)
@@ -465,7 +452,7 @@ def test_cumulative_average_has_no_host_sync(backend):
             module.momentum = None
     for _ in range(3):
         x = nhwc((2, 16, 6, 5))
-        with _ScalarReads() as mode:
+        with host_reads() as mode:
             y = ours(x)
         assert mode.reads == 0
         torch.testing.assert_close(y, theirs(x), atol=1e-4, rtol=1e-4)
