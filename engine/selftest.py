@@ -29,8 +29,6 @@ if not torch.cuda.is_available():
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FAULTS_SETUP = "engine.selftest:install_faults"
-# A whole network compounds each op's rounding; its step is held to this multiple of the op tolerance.
-MODEL_TOLERANCE_FACTOR = 4.0
 
 
 @dataclass(frozen=True)
@@ -160,9 +158,11 @@ def _fault_crash(x):
 
 def model_step(job: dict) -> dict:
     """In a child: one training step of the fused model against the plain model from the
-    same weights on the same batch; compares the loss, the logits and every gradient."""
+    same weights on the same batch, the plain model following the fused run's ReLU decisions
+    (engine.models.step_check): the loss, the logits, every recorded activation, gradient
+    and running statistic."""
     from engine.models import resnext
-    from engine.ops.verify import compare
+    from engine.models.step_check import check_fused_step
     plan = Plan(**job["plan"])
     device, dtype = job["device"], DTYPES[job["dtype"]]
     if device == "cpu":
@@ -177,26 +177,11 @@ def model_step(job: dict) -> dict:
     fused.load_state_dict(plain.state_dict())
     x = torch.randn(plan.batch, 3, plan.size, plan.size, device=device).contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, 10, (plan.batch,), device=device)
-    results = []
-    start = time.perf_counter()
     for model in (fused, plain):
-        model.to(device=device, memory_format=torch.channels_last).train()
-        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(x)
-            loss = torch.nn.functional.cross_entropy(logits.float(), target)
-        loss.backward()
-        results.append((loss.detach(), logits.detach().float(), [p.grad for p in model.parameters()]))
-        if model is fused:
-            seconds = time.perf_counter() - start
-    (loss, logits, grads), (ref_loss, ref_logits, ref_grads) = results
-    names = [n for n, _ in plain.named_parameters()]
-    pairs = [("loss", loss, ref_loss), ("logits", logits, ref_logits)]
-    pairs += [(f"grad {n}", g, r) for n, g, r in zip(names, grads, ref_grads) if r is not None]
-    from engine.ops.verify import TOLERANCE
-    # compare() allows twice a floor: the whole network's allowance.
-    floor = TOLERANCE[dtype] * MODEL_TOLERANCE_FACTOR / 2
-    verdict = compare(pairs, dtype, {name: floor for name, _, _ in pairs})
-    verdict["seconds"] = round(seconds, 4)
+        model.to(device=device, memory_format=torch.channels_last)
+    start = time.perf_counter()
+    verdict = check_fused_step(fused, plain, x, target, dtype)
+    verdict["seconds"] = round(time.perf_counter() - start, 4)
     return verdict
 
 

@@ -1,4 +1,5 @@
 import os
+from collections import Counter
 
 import torch
 
@@ -50,3 +51,17 @@ class HostReads(TorchDispatchMode):
 def host_reads():
     """HostReads, the class: `with host_reads() as mode: ...; mode.reads`."""
     return HostReads
+
+
+@pytest.fixture
+def backend_calls(monkeypatch):
+    """Counts (op, backend) for every dispatched call: which implementation really ran."""
+    from engine.ops.dispatch import REGISTRY
+    calls = Counter()
+    for op_name, op in REGISTRY.items():
+        for backend_name, backend in op.backends.items():
+            def counted(*args, _impl=backend.impl, _key=(op_name, backend_name), **kwargs):
+                calls[_key] += 1
+                return _impl(*args, **kwargs)
+            monkeypatch.setattr(backend, "impl", counted)
+    return calls

@@ -2,13 +2,10 @@
 plain and fused mode, NCHW and channels_last; and the family's sizes."""
 
 import copy
-from collections import Counter
-
 import pytest
 import torch
 
 from engine.models import ARCHITECTURES, create_model, resnext
-from engine.ops.dispatch import REGISTRY
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -191,19 +188,6 @@ def small_pair(fused):
     ours = resnext(SMALL["layers"], SMALL["groups"], SMALL["width_per_group"], fused=fused, num_classes=10)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     return theirs, ours
-
-
-@pytest.fixture
-def backend_calls(monkeypatch):
-    """Counts (op, backend) for every dispatched call: which implementation really ran."""
-    calls = Counter()
-    for op_name, op in REGISTRY.items():
-        for backend_name, backend in op.backends.items():
-            def counted(*args, _impl=backend.impl, _key=(op_name, backend_name), **kwargs):
-                calls[_key] += 1
-                return _impl(*args, **kwargs)
-            monkeypatch.setattr(backend, "impl", counted)
-    return calls
 
 
 def forced_3x3(monkeypatch, choice):

@@ -85,6 +85,16 @@ MUTATIONS = [
         ("tests/test_bn_act.py", "-k", "matches_reference and float16 and triton"),
         "bn_act's Triton dx loses the batch-statistics term through xhat, seen in half precision"),
     Mutation(
+        "step-check-plain-model-runs-free", "engine/models/step_check.py",
+        "        return _FusedValue.apply(own, recorded)\n", "        return own_value\n",
+        ("tests/test_step_check.py", "-k", "kink and triton"),
+        "the whole-step check compares two free-running models again, failing correct kernels at a ReLU tie"),
+    Mutation(
+        "bn_act-backward-ignores-gradient-layout", "engine/ops/bn_act.py",
+        "        grad_y = grad_y.contiguous(memory_format=fmt)\n", "",
+        ("tests/test_step_check.py", "-k", "kink and triton"),
+        "bn_act reads an NCHW output gradient (what the pooling hands to the last block) as channels_last"),
+    Mutation(
         "gpu-check-keeps-stale-stage-json", "benchmarks/gpu_check.py",
         "        stage_json.unlink(missing_ok=True)\n", "",
         ("tests/test_cli_and_benchmarks.py", "-k", "earlier_runs_results"),
