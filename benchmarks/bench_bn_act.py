@@ -14,7 +14,7 @@ import torch
 
 from benchmarks.common import (compile_fresh, compiled_frames, environment, peers_at_best, plot_results, row_settings,
                                time_ms, write_json)
-from engine.ops import BackendUnavailableError, bn_act, bn_act_reference
+from engine.ops import BackendUnavailableError, bn_act
 
 # (name, N, C, H, W): batch 256, the bottleneck width (= output channels for 32x8d) per stage.
 STAGES = [("stage1", 256, 256, 56, 56), ("stage2", 256, 512, 28, 28),
@@ -51,8 +51,8 @@ def implementations(compile_backend: str):
     of that shape gets it (one shared compiled function would go dynamic after its first
     shape, then eager at dynamo's recompile limit)."""
     return {
-        "eager": (lambda: bn_act_reference, None),
-        f"compile[{compile_backend}]": (lambda: compile_fresh(bn_act_reference, compile_backend), compile_backend),
+        "eager": (lambda: bn_act.reference, None),
+        f"compile[{compile_backend}]": (lambda: compile_fresh(bn_act.reference, compile_backend), compile_backend),
         "triton": (lambda: lambda *a, **k: bn_act(*a, backend="triton", **k), None),
         "cuda": (lambda: lambda *a, **k: bn_act(*a, backend="cuda", **k), None),
     }

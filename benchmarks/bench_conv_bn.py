@@ -39,7 +39,7 @@ from torch import nn  # noqa: E402
 
 from benchmarks.common import (compile_fresh, compiled_frames, environment, peers_at_best, plot_results,  # noqa: E402
                                row_settings, time_ms, write_json)
-from engine.models.fused_bottleneck import ConvBNBottleneck  # noqa: E402
+from engine.models import ConvBNBottleneck  # noqa: E402
 
 # name -> (cardinality, base width)
 ARCHS = {"32x8d": (32, 8), "32x16d": (32, 16)}

@@ -46,7 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.common import environment, plot_results, time_ms, write_json  # noqa: E402
 from engine.kernels import grouped_conv as K  # noqa: E402
 from engine.ops import backends  # noqa: E402
-from engine.ops.grouped_conv import grouped_conv3x3, grouped_conv3x3_op  # noqa: E402
+from engine.ops.grouped_conv import grouped_conv3x3  # noqa: E402
 
 # name -> (groups, base width, batch): the batches, 64 for the widest.
 ARCHS = {"32x4d": (32, 4, 256), "32x8d": (32, 8, 256), "32x16d": (32, 16, 256), "32x32d": (32, 32, 256),
@@ -206,7 +206,7 @@ def _record_dispatch(payload, out, base, x, weight, grad, stride, groups, warmup
         row = dict(base, direction=direction, impl=impl)
         _record(payload, out, row, fn, warmup, repeat, nbytes, work)
         if impl == "engine[auto]":
-            row["backend"] = grouped_conv3x3_op.last_decision.backend
+            row["backend"] = grouped_conv3x3.last_decision.backend
             write_json(out, payload)
 
 

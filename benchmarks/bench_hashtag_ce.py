@@ -71,7 +71,8 @@ import torch  # noqa: E402
 from benchmarks.common import (REPO, compile_fresh, compiled_frames, environment, peers_at_best,  # noqa: E402
                                row_settings, time_ms, write_json)
 from engine.ops import hashtag_ce  # noqa: E402
-from engine.ops.hashtag_ce import hashtag_ce_reference, target_weights  # noqa: E402
+from engine.ops import REGISTRY  # noqa: E402
+from engine.ops.hashtag_ce import target_weights  # noqa: E402
 
 
 def _version(dist: str):
@@ -102,7 +103,7 @@ def build_step(method, x, weight, tags):
         tw = target_weights(tags, None)
 
         def reference(x, weight):
-            return hashtag_ce_reference(x, weight, tags, tw)[0]
+            return REGISTRY["hashtag_ce"].reference(x, weight, tags, tw)[0]
 
         # Compiled fresh for each case with static shapes, as a model of that shape would be.
         fn = compile_fresh(reference, COMPILE_BACKEND) if method == "compile" else reference

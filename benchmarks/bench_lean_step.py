@@ -37,7 +37,7 @@ def run_variant(name: str, overrides: list[str], per_step_sync: bool, warmup: in
     try:
         if per_step_sync:
             trainer.skips_on_device = lambda: False
-        trainer.log.start(trainer, 0)
+        trainer.log.start(0, trainer.resolved())
         # Warm-up: the first step's checks and first update, autotuning, allocator growth.
         batches = train_mod.iter_forever(trainer.loader)
         for _ in range(warmup):

@@ -8,7 +8,7 @@ dtypes, 16-byte alignment of pointers, integers equal to 1 or divisible by 16, 3
 deduplicated by that key. The launches come from:
   conv_bn      the fused bottleneck's training forward and backward (with each choice of
                its grouped 3x3: reference, Triton at each tile span) and the folded
-               inference forward;
+               inference forward: kernels/conv_bn.py, bn_stats.py and grouped_conv.py;
   bn_act       forward (training, eval) and backward of every batch norm of the
                bn_act-fused model, both layouts;
   hashtag_ce   forward and backward of the head at full vocabularies and 8-rank slices.
@@ -81,6 +81,8 @@ def intercepted(recorder):
     """Triton launches recorded instead of run; custom ops called through their Python
     bodies (under FakeTensorMode a custom op would run its fake, launching nothing); an
     H100's SM count for the launchers that size grids by it."""
+    import importlib
+    import pkgutil
     import types
 
     import torch
@@ -88,17 +90,14 @@ def intercepted(recorder):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from triton.runtime.jit import JITFunction
 
-    import engine.kernels.bn_act
-    import engine.kernels.conv_bn
-    import engine.kernels.grouped_conv
-    import engine.kernels.hashtag_ce
+    import engine.kernels
 
     def run(self, *args, grid, warmup, **kwargs):
         recorder.record(self, args, kwargs)
 
     patched = []
-    for mod in (engine.kernels.bn_act, engine.kernels.conv_bn, engine.kernels.grouped_conv,
-                engine.kernels.hashtag_ce):
+    for info in pkgutil.iter_modules(engine.kernels.__path__):
+        mod = importlib.import_module(f"engine.kernels.{info.name}")
         for name, value in vars(mod).copy().items():
             if isinstance(value, CustomOpDef):
                 patched.append((mod, name, value))

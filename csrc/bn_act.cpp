@@ -1,4 +1,4 @@
-// engine._C: op registration, argument checks and the CPU implementation of bn_act.
+// bn_act: argument checks and the CPU kernels (the ops' schemas are in module.cpp).
 //
 // The CPU implementation follows the same plan as the CUDA kernels (shifted per-channel
 // sums, a finalise into per-channel coefficients, one elementwise pass) so the whole
@@ -96,7 +96,7 @@ std::vector<float> as_floats(const at::Tensor& t) {
   return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_cpu(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
     const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, bool training, double momentum, double eps, bool relu) {
@@ -165,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   return {y, mean, invstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
     const at::Tensor& mean, const at::Tensor& invstd, bool training, bool relu, bool write_masked_grad) {
   check_bn_act_backward(grad_y, x, y, weight, mean, invstd);
@@ -213,32 +213,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 }
 
 }  // namespace
-
-bool built_with_cuda() {
-#ifdef ENGINE_WITH_CUDA
-  return true;
-#else
-  return false;
-#endif
-}
-
 }  // namespace engine
 
-TORCH_LIBRARY_FRAGMENT(engine, m) {
-  m.def(
-      "bn_act_fwd_cuda(Tensor x, Tensor weight, Tensor bias, Tensor? residual, Tensor(a!)? running_mean, "
-      "Tensor(b!)? running_var, bool training, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "bn_act_bwd_cuda(Tensor grad_y, Tensor x, Tensor y, Tensor weight, Tensor mean, Tensor invstd, "
-      "bool training, bool relu, bool write_masked_grad) -> (Tensor, Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(engine, CPU, m) {
-  m.impl("bn_act_fwd_cuda", &engine::forward_cpu);
-  m.impl("bn_act_bwd_cuda", &engine::backward_cpu);
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "engine's compiled kernels; ops are registered under torch.ops.engine";
-  m.def("built_with_cuda", &engine::built_with_cuda, "whether the CUDA kernels were compiled in");
+  m.impl("bn_act_fwd", &engine::bn_act_fwd_cpu);
+  m.impl("bn_act_bwd", &engine::bn_act_bwd_cpu);
 }

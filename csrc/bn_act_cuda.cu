@@ -373,7 +373,7 @@ void with_access(const Geometry& geo, std::initializer_list<const void*> pointer
 
 unsigned channel_blocks(int64_t channels) { return static_cast<unsigned>((channels + kThreads - 1) / kThreads); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_cuda(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
     const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, bool training, double momentum, double eps, bool relu) {
@@ -438,7 +438,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   return {y, mean, invstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
     const at::Tensor& mean, const at::Tensor& invstd, bool training, bool relu, bool write_masked_grad) {
   check_bn_act_backward(grad_y, x, y, weight, mean, invstd);
@@ -493,6 +493,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
 }  // namespace engine
 
 TORCH_LIBRARY_IMPL(engine, CUDA, m) {
-  m.impl("bn_act_fwd_cuda", &engine::forward_cuda);
-  m.impl("bn_act_bwd_cuda", &engine::backward_cuda);
+  m.impl("bn_act_fwd", &engine::bn_act_fwd_cuda);
+  m.impl("bn_act_bwd", &engine::bn_act_bwd_cuda);
 }

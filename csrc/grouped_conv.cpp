@@ -1,4 +1,5 @@
-// grouped_conv3x3 direct kernels: op schemas, argument checks and the CPU implementation.
+// grouped_conv3x3 direct kernels: argument checks and the CPU kernels (the ops' schemas are in
+// module.cpp).
 //
 // The CPU implementation runs the CUDA kernels' own bodies (grouped_conv_kernels.h), block
 // by block and phase by phase, so that tests without a GPU execute their indexing, shared
@@ -171,18 +172,8 @@ struct CpuBlocks {
 
 }  // namespace engine
 
-TORCH_LIBRARY_FRAGMENT(engine, m) {
-  m.def(
-      "grouped_conv3x3_fwd_cuda(Tensor x, Tensor weight, Tensor? in_scale, Tensor? in_shift, int stride, "
-      "bool stats, int rows_per_part) -> (Tensor, Tensor)");
-  m.def("grouped_conv3x3_dgrad_cuda(Tensor grad_y, Tensor weight, int[] input_hw, int stride) -> Tensor");
-  m.def(
-      "grouped_conv3x3_wgrad_cuda(Tensor grad_y, Tensor x, Tensor? in_scale, Tensor? in_shift, int width, "
-      "int stride) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(engine, CPU, m) {
-  m.impl("grouped_conv3x3_fwd_cuda", &engine::direct_conv_fwd<engine::CpuBlocks>);
-  m.impl("grouped_conv3x3_dgrad_cuda", &engine::direct_conv_dgrad<engine::CpuBlocks>);
-  m.impl("grouped_conv3x3_wgrad_cuda", &engine::direct_conv_wgrad<engine::CpuBlocks>);
+  m.impl("grouped_conv3x3_fwd", &engine::direct_conv_fwd<engine::CpuBlocks>);
+  m.impl("grouped_conv3x3_dgrad", &engine::direct_conv_dgrad<engine::CpuBlocks>);
+  m.impl("grouped_conv3x3_wgrad", &engine::direct_conv_wgrad<engine::CpuBlocks>);
 }

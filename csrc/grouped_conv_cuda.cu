@@ -81,7 +81,7 @@ struct CudaBlocks {
 }  // namespace engine
 
 TORCH_LIBRARY_IMPL(engine, CUDA, m) {
-  m.impl("grouped_conv3x3_fwd_cuda", &engine::direct_conv_fwd<engine::CudaBlocks>);
-  m.impl("grouped_conv3x3_dgrad_cuda", &engine::direct_conv_dgrad<engine::CudaBlocks>);
-  m.impl("grouped_conv3x3_wgrad_cuda", &engine::direct_conv_wgrad<engine::CudaBlocks>);
+  m.impl("grouped_conv3x3_fwd", &engine::direct_conv_fwd<engine::CudaBlocks>);
+  m.impl("grouped_conv3x3_dgrad", &engine::direct_conv_dgrad<engine::CudaBlocks>);
+  m.impl("grouped_conv3x3_wgrad", &engine::direct_conv_wgrad<engine::CudaBlocks>);
 }

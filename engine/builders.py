@@ -1,6 +1,6 @@
-"""What a training run is built from: checks before any work, the device, trunk, head,
-optimiser, learning-rate schedule, the wrapped (DDP / compiled / graphed) trunk and the
-input batches. `engine.train.Trainer` assembles them."""
+"""What a training run is built from: checks before any work, the device, trunk (and its
+FLOPs per image), head, optimiser, learning-rate schedule, the wrapped (DDP / compiled /
+graphed) trunk and the input batches. `engine.train.Trainer` assembles them."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from engine.config import Config, ConfigError, accumulation, validate
 from engine.distributed import DistInfo, SumHookState, sum_allreduce_hook
 
 
-def preflight(cfg: Config, world: int) -> None:
-    """Every check that can fail before the process group, the model or the data exist."""
+def preflight(cfg: Config, world: int) -> int:
+    """Every check that can fail before the process group, the model or the data exist;
+    returns the run's vocabulary size (from the dataset's description, read here once)."""
     validate(cfg, world)
     t = cfg.train
     if t.device == "cuda" and not torch.cuda.is_available():
@@ -42,26 +43,33 @@ def preflight(cfg: Config, world: int) -> None:
                            "optim.name=sgd (torch has no LAMB), or install apex with its CUDA extensions")
             raise ConfigError(f"optim.name: {cfg.optim.name} needs NVIDIA apex, which does not import here ({e}); "
                               f"use {alternative}") from None
-    if not cfg.data.synthetic:
-        with open(os.path.join(cfg.data.dataset, "dataset.json"), encoding="utf-8") as f:
-            meta = json.load(f)
-        n, v = int(meta["num_samples"]), int(meta["vocab_size"])
-        if cfg.head.vocab_size and cfg.head.vocab_size != v:
-            raise ConfigError(f"head.vocab_size: {cfg.head.vocab_size} does not match the dataset's vocabulary "
-                              f"({v} hashtags in {cfg.data.dataset}); set 0 to take the dataset's")
-        if v < world:
-            raise ConfigError(f"data.dataset: its vocabulary ({v} hashtags) is smaller than the world size ({world}); "
-                              "the vocabulary-parallel head needs a class per rank")
-        micro, _ = accumulation(cfg, world)
-        length = cfg.data.samples_per_epoch or n
-        if length // world < micro:
-            raise ConfigError(f"train.batch_size: an epoch of {length} samples over {world} ranks is less than one "
-                              f"micro-batch of {micro} per rank; raise data.samples_per_epoch or lower the batch")
+    vocab = (cfg.head.vocab_size or cfg.data.synthetic_vocab) if cfg.data.synthetic else dataset_vocab(cfg, world)
     parent = os.path.dirname(os.path.abspath(t.out_dir))
     if os.path.exists(t.out_dir) and not os.path.isdir(t.out_dir):
         raise ConfigError(f"train.out_dir: {t.out_dir!r} exists and is not a directory")
     if not os.path.exists(t.out_dir) and os.path.isdir(parent) and not os.access(parent, os.W_OK):
         raise ConfigError(f"train.out_dir: cannot create {t.out_dir!r} ({parent} is not writable)")
+    return vocab
+
+
+def dataset_vocab(cfg: Config, world: int) -> int:
+    """The dataset's vocabulary size, from its description (dataset.json; config.validate
+    has found it), and the checks that need the description."""
+    with open(os.path.join(cfg.data.dataset, "dataset.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    n, vocab = int(meta["num_samples"]), int(meta["vocab_size"])
+    if cfg.head.vocab_size and cfg.head.vocab_size != vocab:
+        raise ConfigError(f"head.vocab_size: {cfg.head.vocab_size} does not match the dataset's vocabulary "
+                          f"({vocab} hashtags in {cfg.data.dataset}); set 0 to take the dataset's")
+    if vocab < world:
+        raise ConfigError(f"data.dataset: its vocabulary ({vocab} hashtags) is smaller than the world size ({world}); "
+                          "the vocabulary-parallel head needs a class per rank")
+    micro, _ = accumulation(cfg, world)
+    length = cfg.data.samples_per_epoch or n
+    if length // world < micro:
+        raise ConfigError(f"train.batch_size: an epoch of {length} samples over {world} ranks is less than one "
+                          f"micro-batch of {micro} per rank; raise data.samples_per_epoch or lower the batch")
+    return vocab
 
 
 def pick_device(cfg: Config, d: DistInfo) -> tuple[torch.device, torch.dtype]:
@@ -73,13 +81,6 @@ def pick_device(cfg: Config, d: DistInfo) -> tuple[torch.device, torch.dtype]:
     if precision == "auto":
         precision = "bf16" if on_gpu else "fp32"
     return device, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-
-
-def vocab_size(cfg: Config, world: int) -> int:
-    if cfg.data.synthetic:
-        return cfg.head.vocab_size or cfg.data.synthetic_vocab
-    with open(os.path.join(cfg.data.dataset, "dataset.json"), encoding="utf-8") as f:
-        return int(json.load(f)["vocab_size"])
 
 
 def build_trunk(cfg: Config, fused: Optional[Union[bool, str]] = None) -> nn.Module:
@@ -94,6 +95,19 @@ def build_trunk(cfg: Config, fused: Optional[Union[bool, str]] = None) -> nn.Mod
         return resnext(list(m.layers), m.groups, m.width_per_group, fused=fused, num_classes=0,
                        zero_init_residual=m.zero_init_residual)
     return create_model(m.name, fused=fused, num_classes=0, zero_init_residual=m.zero_init_residual)
+
+
+def model_flops_per_image(cfg: Config, vocab: int) -> float:
+    """Forward + backward FLOPs of one image: 3 x the forward (convolutions and the head's
+    matmul), counted once on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        trunk = build_trunk(cfg, fused=False).eval()
+        x = torch.empty(1, 3, cfg.data.image_size, cfg.data.image_size)
+    with FlopCounterMode(display=False) as counter:
+        trunk(x)
+    return 3.0 * (counter.get_total_flops() + 2.0 * trunk.num_features * vocab)
 
 
 def load_init_weights(trunk: nn.Module, path: str) -> None:
@@ -266,9 +280,9 @@ class SyntheticBatches:
         self.steps = int(state.get("steps", 0))
 
 
-def build_loader(cfg: Config, d: DistInfo, device: torch.device, micro: int, amp_dtype: torch.dtype):
+def build_loader(cfg: Config, d: DistInfo, device: torch.device, micro: int, amp_dtype: torch.dtype, vocab: int):
     if cfg.data.synthetic:
-        return SyntheticBatches(cfg, d, device, micro, amp_dtype, vocab_size(cfg, d.world))
+        return SyntheticBatches(cfg, d, device, micro, amp_dtype, vocab)
     from engine.data.loaders import make_train_loader
 
     dc = cfg.data

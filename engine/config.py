@@ -32,6 +32,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from engine.architectures import ARCHITECTURES
+
 
 class ConfigError(ValueError):
     """A bad configuration; the message names the field (section.field)."""
@@ -45,7 +47,7 @@ FUSED_MODES = ("none", "bn_act", "conv")
 
 @dataclass
 class ModelConfig:
-    # An engine.models architecture (resnext50_32x4d, resnext101_32x{4,8,16,32,48}d), or
+    # An engine.architectures name (resnext50_32x4d, resnext101_32x{4,8,16,32,48}d), or
     # "custom": then layers, groups and width_per_group define it.
     name: str = "resnext101_32x8d"
     layers: list[int] = field(default_factory=list)  # custom only: blocks per stage, 4 numbers
@@ -382,8 +384,6 @@ def to_json(cfg: Config) -> str:
 
 # --------------------------------------------------------------------------- validation
 
-ARCH_NAMES = ("resnext50_32x4d", "resnext101_32x4d", "resnext101_32x8d", "resnext101_32x16d",
-              "resnext101_32x32d", "resnext101_32x48d")
 CHOICES = {
     "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "data.backend": ("auto", "dali", "torch"),
@@ -424,10 +424,10 @@ def validate(cfg: Config, world_size: int = 1, *, check_paths: bool = True) -> N
             _fail("model.groups", f"must be positive, got {m.groups}")
         if m.width_per_group < 1:
             _fail("model.width_per_group", f"must be positive, got {m.width_per_group}")
-    elif m.name not in ARCH_NAMES:
-        close = difflib.get_close_matches(m.name, ARCH_NAMES + ("custom",), n=2)
+    elif m.name not in ARCHITECTURES:
+        close = difflib.get_close_matches(m.name, [*ARCHITECTURES, "custom"], n=2)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        _fail("model.name", f"unknown model {m.name!r}{hint} (known: {', '.join(ARCH_NAMES)}, custom)")
+        _fail("model.name", f"unknown model {m.name!r}{hint} (known: {', '.join(ARCHITECTURES)}, custom)")
     if m.fused not in FUSED_MODES:
         _fail("model.fused", f"must be one of {', '.join(FUSED_MODES)}, got {m.fused!r}")
     if m.sync_bn and m.fused != "none":
@@ -533,61 +533,3 @@ def validate(cfg: Config, world_size: int = 1, *, check_paths: bool = True) -> N
         _fail("train.resume", f"{t.resume!r} does not exist (auto, never, or a checkpoint directory)")
     if t.peak_tflops < 0:
         _fail("train.peak_tflops", f"must be >= 0, got {t.peak_tflops}")
-
-
-# --------------------------------------------------------------------------- transfer evaluation
-
-
-@dataclass
-class TransferConfig:
-    """`engine eval`: a linear probe on frozen trunk features, or fine-tuning the whole network."""
-
-    mode: str = "linear"  # linear | finetune
-    weights: str = ""  # engine checkpoint, run dir, torchvision/WSL state dict file, or "random"
-    model: str = ""  # architecture when the weights do not say (state dict files: inferred from shapes)
-    train_dir: str = ""  # ImageFolder: <dir>/<class>/<image>
-    val_dir: str = ""
-    out: str = ""  # write the result here as JSON
-    image_size: int = 224
-    batch_size: int = 256  # per rank
-    epochs: int = 0  # 0: 100 for linear, 10 for finetune
-    lr: float = 0.0  # 0: 0.1 x batch/256 (linear), 0.01 x batch/256 (finetune)
-    weight_decay: float = 0.0  # linear default 0; finetune 1e-4 when 0 is not forced
-    momentum: float = 0.9
-    backend: str = "auto"  # data loader backend
-    num_workers: int = -1
-    num_threads: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    channels_last: bool = True
-    seed: int = 0
-    progress: bool = True
-
-
-def validate_transfer(cfg: TransferConfig) -> None:
-    if cfg.mode not in ("linear", "finetune"):
-        _fail("mode", f"{cfg.mode!r} is not 'linear' or 'finetune'")
-    if not cfg.weights:
-        _fail("weights", "no weights given: an engine checkpoint or run directory, a state dict file, or 'random'")
-    if cfg.weights != "random" and not os.path.exists(cfg.weights):
-        _fail("weights", f"{cfg.weights!r} does not exist")
-    for key in ("train_dir", "val_dir"):
-        path = getattr(cfg, key)
-        if not path:
-            _fail(key, "no ImageFolder directory given")
-        if not os.path.isdir(path):
-            _fail(key, f"{path!r} does not exist or is not a directory")
-    if cfg.model and cfg.model not in ARCH_NAMES:
-        _fail("model", f"unknown model {cfg.model!r} (known: {', '.join(ARCH_NAMES)})")
-    if cfg.batch_size < 2:
-        _fail("batch_size", f"must be at least 2, got {cfg.batch_size}")
-    if cfg.epochs < 0:
-        _fail("epochs", f"must be >= 0, got {cfg.epochs}")
-    if cfg.lr < 0:
-        _fail("lr", f"must be >= 0, got {cfg.lr}")
-    if cfg.backend not in ("auto", "dali", "torch"):
-        _fail("backend", f"{cfg.backend!r} is not auto, dali or torch")
-    if cfg.device not in ("auto", "cuda", "cpu"):
-        _fail("device", f"{cfg.device!r} is not auto, cuda or cpu")
-    if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
-        _fail("precision", f"{cfg.precision!r} is not auto, bf16, fp16 or fp32")

@@ -56,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace) -> dict:
     from engine import data
     from engine.config import apply_overrides, get_preset
-    from engine.evaluate import evaluate
-    from engine.config import TransferConfig
+    from engine.evaluate import TransferConfig, evaluate
 
     t_all = time.perf_counter()
     out = os.path.abspath(args.out)
@@ -113,7 +112,7 @@ def demo(args: argparse.Namespace) -> dict:
     # The same probe on a randomly initialised trunk of the same shape: what pretraining adds.
     import torch
 
-    from engine.train import build_trunk
+    from engine.builders import build_trunk
 
     torch.manual_seed(1)
     rand_path = os.path.join(out, "random_trunk.pt")

@@ -8,6 +8,7 @@ labelled ImageFolder-style set (<dir>/<class>/<image>)?
   images with random-resized crops and flips, then scored on the validation images.
 
 Both report top-1 and top-5 accuracy (top-k with k capped at the number of classes).
+A `TransferConfig` describes a run (the fields behind `engine eval`'s flags).
 Weights: an engine checkpoint or run directory (its newest checkpoint), a torchvision /
 WSL-Images / timm state dict file (torchvision ResNet keys; the architecture is inferred
 from the shapes unless --model says), or "random" (a baseline; needs --model).
@@ -29,14 +30,77 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from engine import checkpoint as ckpt_mod
-from engine.config import ConfigError, TransferConfig, validate_transfer
+from engine.architectures import ARCHITECTURES
+from engine.config import ConfigError
 from engine.distributed import shutdown
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TransferConfig:
+    """`engine eval`: a linear probe on frozen trunk features, or fine-tuning the whole network."""
+
+    mode: str = "linear"  # linear | finetune
+    weights: str = ""  # engine checkpoint, run dir, torchvision/WSL state dict file, or "random"
+    model: str = ""  # architecture when the weights do not say (state dict files: inferred from shapes)
+    train_dir: str = ""  # ImageFolder: <dir>/<class>/<image>
+    val_dir: str = ""
+    out: str = ""  # write the result here as JSON
+    image_size: int = 224
+    batch_size: int = 256  # per rank
+    epochs: int = 0  # 0: 100 for linear, 10 for finetune
+    lr: float = 0.0  # 0: 0.1 x batch/256 (linear), 0.01 x batch/256 (finetune)
+    weight_decay: float = 0.0  # linear default 0; finetune 1e-4 when 0 is not forced
+    momentum: float = 0.9
+    backend: str = "auto"  # data loader backend
+    num_workers: int = -1
+    num_threads: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    seed: int = 0
+    progress: bool = True
+
+
+def validate_transfer(cfg: TransferConfig) -> None:
+    """Raises ConfigError naming the field."""
+    if cfg.mode not in ("linear", "finetune"):
+        raise ConfigError(f"mode: {cfg.mode!r} is not 'linear' or 'finetune'")
+    if not cfg.weights:
+        raise ConfigError("weights: no weights given: an engine checkpoint or run directory, a state dict file, "
+                          "or 'random'")
+    if cfg.weights != "random" and not os.path.exists(cfg.weights):
+        raise ConfigError(f"weights: {cfg.weights!r} does not exist")
+    for key in ("train_dir", "val_dir"):
+        path = getattr(cfg, key)
+        if not path:
+            raise ConfigError(f"{key}: no ImageFolder directory given")
+        if not os.path.isdir(path):
+            raise ConfigError(f"{key}: {path!r} does not exist or is not a directory")
+    if cfg.model and cfg.model not in ARCHITECTURES:
+        raise ConfigError(f"model: unknown model {cfg.model!r} (known: {', '.join(ARCHITECTURES)})")
+    if cfg.batch_size < 2:
+        raise ConfigError(f"batch_size: must be at least 2, got {cfg.batch_size}")
+    if cfg.epochs < 0:
+        raise ConfigError(f"epochs: must be >= 0, got {cfg.epochs}")
+    if cfg.lr < 0:
+        raise ConfigError(f"lr: must be >= 0, got {cfg.lr}")
+    if cfg.backend not in ("auto", "dali", "torch"):
+        raise ConfigError(f"backend: {cfg.backend!r} is not auto, dali or torch")
+    if cfg.device not in ("auto", "cuda", "cpu"):
+        raise ConfigError(f"device: {cfg.device!r} is not auto, cuda or cpu")
+    if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"precision: {cfg.precision!r} is not auto, bf16, fp16 or fp32")
 
 
 # --------------------------------------------------------------------------- weights
@@ -44,7 +108,7 @@ from engine.distributed import shutdown
 
 def load_trunk(weights: str, model: str = "", fused: bool = False) -> tuple[nn.Module, dict]:
     """(the trunk, num_classes=0, with the weights loaded; a description of where from)."""
-    from engine.models.resnext import ARCHITECTURES, create_model, resnext
+    from engine.models.resnext import create_model, resnext
 
     if weights == "random":
         if not model:

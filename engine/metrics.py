@@ -1,38 +1,22 @@
-"""Training metrics: FLOPs per image, the GPU's peak, and the logger that writes
-metrics.jsonl, TensorBoard event files and the progress line."""
+"""Training metrics: the GPU's peak FLOP rate, and the logger that writes metrics.jsonl,
+TensorBoard event files and the progress line. The loop hands the logger plain values
+(timings, counts, its resolved settings); the logger reads nothing of the loop's."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
-from engine.builders import build_trunk
 from engine.config import Config
 from engine.distributed import DistInfo
-
-if TYPE_CHECKING:
-    from engine.train import Trainer
 
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
                     "A800": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
-
-
-def model_flops_per_image(cfg: Config, vocab: int) -> float:
-    """Forward + backward FLOPs of one image: 3 x the forward (convolutions and the head's
-    matmul), counted once on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        trunk = build_trunk(cfg, fused=False).eval()
-        x = torch.empty(1, 3, cfg.data.image_size, cfg.data.image_size)
-    with FlopCounterMode(display=False) as counter:
-        trunk(x)
-    return 3.0 * (counter.get_total_flops() + 2.0 * trunk.num_features * vocab)
 
 
 def peak_flops(cfg: Config, device: torch.device, amp_dtype: torch.dtype) -> Optional[float]:
@@ -52,14 +36,14 @@ class MetricLogger:
     MFU, memory; JSONL (RUN_DIR/metrics.jsonl) and TensorBoard on rank 0, a progress line
     on stdout."""
 
-    def __init__(self, cfg: Config, d: DistInfo, device: torch.device, flops_per_image: float, micro: int):
+    def __init__(self, cfg: Config, d: DistInfo, device: torch.device, amp_dtype: torch.dtype,
+                 flops_per_image: float):
         self.cfg, self.d, self.device = cfg, d, device
         self.rank0 = d.rank == 0
         self.every = cfg.train.log_every
         self.flops = flops_per_image
-        self.peak = None
+        self.peak = peak_flops(cfg, device, amp_dtype)
         self.history: list[dict] = []
-        self.notes: list[str] = []
         self.tb = None
         self._jsonl = None
         self._reset()
@@ -70,8 +54,8 @@ class MetricLogger:
         self.step_s = 0.0
         self.t_start = time.perf_counter()
 
-    def start(self, trainer: Trainer, step: int) -> None:
-        self.peak = peak_flops(self.cfg, self.device, trainer.amp_dtype)
+    def start(self, step: int, resolved: dict) -> None:
+        """`resolved`: the run's settings as engine.train.Trainer.resolved() gives them."""
         self.total = self.cfg.train.steps
         self.first_step = step
         self.t0 = time.perf_counter()
@@ -86,11 +70,12 @@ class MetricLogger:
                 self.tb = SummaryWriter(os.path.join(self.cfg.train.out_dir, "tb"))
             except Exception as e:  # tensorboard not installed
                 print(f"engine train: TensorBoard logs skipped ({type(e).__name__}: {e}); JSONL only", flush=True)
-        r = trainer.resolved()
-        print(f"engine train: {self.cfg.preset or 'custom config'} on {r['world_size']} rank(s), {r['device']}, "
-              f"{self.cfg.model.name}, global batch {self.cfg.train.batch_size} = {r['micro_batch']} x "
-              f"{r['world_size']} ranks x {r['accumulation']} accumulation, peak lr {r['peak_lr']:.4g}, "
-              f"vocab {r['vocab_size']}, steps {step} -> {self.total}, out {self.cfg.train.out_dir}", flush=True)
+        world = resolved["world_size"]
+        print(f"engine train: {self.cfg.preset or 'custom config'} on {world} rank(s), {resolved['device']}, "
+              f"{self.cfg.model.name}, global batch {self.cfg.train.batch_size} = {resolved['micro_batch']} x "
+              f"{world} ranks x {resolved['accumulation']} accumulation, peak lr {resolved['peak_lr']:.4g}, "
+              f"vocab {resolved['vocab_size']}, steps {step} -> {self.total}, out {self.cfg.train.out_dir}",
+              flush=True)
 
     def step(self, lr: float, data_s: float, step_s: float) -> None:
         """Host-side timings of one step (the loss is counted on the device: engine.train.StepCounters)."""
@@ -147,23 +132,24 @@ class MetricLogger:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
     def note(self, text: str) -> None:
-        self.notes.append(text)
         if self.rank0 and self.cfg.train.progress:
             print(f"engine train: {text}", flush=True)
 
-    def finish(self, trainer: Trainer, status: str) -> dict:
+    def finish(self, status: str, *, step: int, images: int, skipped: int, checkpoint: Optional[str],
+               resolved: dict) -> dict:
+        """The run's summary: `status`, where the run stands (optimizer steps, images seen,
+        skipped steps, the last checkpoint), its `resolved` settings and the history."""
         losses = [h["loss"] for h in self.history if h["loss"] is not None]
         timed = self.history[1:] or self.history  # the first interval holds the warm-up
-        s = trainer.state
-        summary = {"status": status, "step": s.step, "steps": self.total, "images": s.images,
-                   "skipped_steps": s.skipped, "first_loss": losses[0] if losses else None,
+        summary = {"status": status, "step": step, "steps": self.total, "images": images,
+                   "skipped_steps": skipped, "first_loss": losses[0] if losses else None,
                    "final_loss": losses[-1] if losses else None,
                    "img_per_s": (sum(h["img_per_s"] for h in timed) / len(timed)) if timed else None,
-                   "checkpoint": s.last_checkpoint, "out_dir": self.cfg.train.out_dir,
-                   "wall_s": time.perf_counter() - self.t0, **trainer.resolved()}
+                   "checkpoint": checkpoint, "out_dir": self.cfg.train.out_dir,
+                   "wall_s": time.perf_counter() - self.t0, **resolved}
         if self.rank0:
-            print(f"engine train: {status} at step {s.step}/{self.total}; loss {summary['first_loss']} -> "
-                  f"{summary['final_loss']}; {s.skipped} step(s) skipped; checkpoint {s.last_checkpoint}", flush=True)
+            print(f"engine train: {status} at step {step}/{self.total}; loss {summary['first_loss']} -> "
+                  f"{summary['final_loss']}; {skipped} step(s) skipped; checkpoint {checkpoint}", flush=True)
         summary["history"] = self.history
         return summary
 

@@ -137,8 +137,7 @@ def install_faults() -> None:
     from engine.ops.dispatch import REGISTRY, define
     if "selftest_fault" in REGISTRY:
         return
-    op = define("selftest_fault", preference=("cuda", "triton", "reference"))
-    op.register("reference", _fault_reference)
+    op = define("selftest_fault", _fault_reference)
     op.register("triton", _fault_wrong)
     op.register("cuda", _fault_crash)
 

@@ -42,12 +42,12 @@ import torch
 import torch.distributed as dist
 
 from engine import checkpoint as ckpt_mod
-from engine.builders import (build_head, build_loader, build_optimizer, build_trunk,
-                             iter_forever, load_init_weights, lr_lambda, oom_advice, peak_lr, pick_device,
-                             preflight, tag_width, vocab_size, wrap_trunk)
+from engine.builders import (build_head, build_loader, build_optimizer, build_trunk, iter_forever,
+                             load_init_weights, lr_lambda, model_flops_per_image, oom_advice, peak_lr, pick_device,
+                             preflight, tag_width, wrap_trunk)
 from engine.config import Config, ConfigError, accumulation, to_json, validate
 from engine.distributed import init_distributed
-from engine.metrics import MetricLogger, model_flops_per_image
+from engine.metrics import MetricLogger
 
 
 class NonFiniteLossError(RuntimeError):
@@ -135,7 +135,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-        preflight(cfg, world)  # raises ConfigError before any work
+        self.vocab = preflight(cfg, world)  # raises ConfigError before any work
         self.dist = init_distributed(cfg)
         self.loader = None
         try:
@@ -156,7 +156,6 @@ class Trainer:
             os.makedirs(self.out_dir, exist_ok=True)
 
         torch.manual_seed(cfg.train.seed)  # the same initial trunk on every rank
-        self.vocab = vocab_size(cfg, self.dist.world)
         self.trunk = build_trunk(cfg)
         if cfg.model.init:
             load_init_weights(self.trunk, cfg.model.init)
@@ -167,13 +166,12 @@ class Trainer:
         self.optimizer, self.head_param_ids = build_optimizer(cfg, self.trunk, self.head)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.loader = build_loader(cfg, self.dist, self.device, self.micro, self.amp_dtype)
+        self.loader = build_loader(cfg, self.dist, self.device, self.micro, self.amp_dtype, self.vocab)
         self.state = TrainState()
         self._maybe_resume()
         self.model, self.ddp = wrap_trunk(cfg, self.trunk, self.dist, self.device, self.micro, self.amp_dtype,
                                           self.head, tag_width(self.loader))
-        self.flops_per_image = model_flops_per_image(cfg, self.vocab)
-        self.log = MetricLogger(cfg, self.dist, self.device, self.flops_per_image, self.micro)
+        self.log = MetricLogger(cfg, self.dist, self.device, self.amp_dtype, model_flops_per_image(cfg, self.vocab))
         self.counters = StepCounters(self.device, self.state, cfg.train.max_nonfinite)
         self._momentum_ready = False
         self.last_sync_step = self.state.step
@@ -188,7 +186,7 @@ class Trainer:
         cfg, state = self.cfg.train, self.state
         batches = iter_forever(self.loader)
         start_step, status = state.step, "completed"
-        self.log.start(self, start_step)
+        self.log.start(start_step, self.resolved())
         with StopSignals() as stop:
             while state.step < cfg.steps:
                 t0 = time.perf_counter()
@@ -355,7 +353,9 @@ class Trainer:
             print(f"engine train: resumed from {path} (step {self.state.step})", flush=True)
 
     def finish(self, status: str) -> dict:
-        summary = self.log.finish(self, status)
+        s = self.state
+        summary = self.log.finish(status, step=s.step, images=s.images, skipped=s.skipped,
+                                  checkpoint=s.last_checkpoint, resolved=self.resolved())
         if self.rank0:
             write_json(os.path.join(self.out_dir, "summary.json"), summary)
         return summary

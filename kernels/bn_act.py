@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import store_bn_affine, update_running_stats
+
 # Elements per tile: 4096 keeps the fp32 accumulators of a reduction in registers at 4 warps.
 TILE_ELEMENTS = 4096
 # Programs a reduction pass aims for per SM: its kernels use 96-150 registers at 4 warps
@@ -108,20 +110,11 @@ def _finalize_fwd_kernel(
         var = tl.maximum(total_sq / M - shifted_mean * shifted_mean, 0.0)
         mean = shifted_mean + tl.load(SHIFT + cols, mask=ok, other=0.0)
         if HAS_RUNNING:
-            rm = tl.load(RMEAN + cols, mask=ok, other=0.0).to(tl.float32)
-            rv = tl.load(RVAR + cols, mask=ok, other=0.0).to(tl.float32)
-            unbiased = var * (M / tl.maximum(M - 1.0, 1.0))
-            tl.store(RMEAN + cols, ((1.0 - momentum) * rm + momentum * mean).to(RMEAN.dtype.element_ty), mask=ok)
-            tl.store(RVAR + cols, ((1.0 - momentum) * rv + momentum * unbiased).to(RVAR.dtype.element_ty), mask=ok)
+            update_running_stats(RMEAN, RVAR, cols, ok, mean, var * (M / tl.maximum(M - 1.0, 1.0)), momentum)
     else:
         mean = tl.load(RMEAN + cols, mask=ok, other=0.0).to(tl.float32)
         var = tl.load(RVAR + cols, mask=ok, other=1.0).to(tl.float32)
-    invstd = 1.0 / tl.sqrt(var + eps)
-    scale = tl.load(W + cols, mask=ok, other=1.0).to(tl.float32) * invstd
-    tl.store(MEAN + cols, mean, mask=ok)
-    tl.store(INVSTD + cols, invstd, mask=ok)
-    tl.store(SCALE + cols, scale, mask=ok)
-    tl.store(OFFSET + cols, tl.load(B + cols, mask=ok, other=0.0).to(tl.float32) - mean * scale, mask=ok)
+    store_bn_affine(W, B, MEAN, INVSTD, SCALE, OFFSET, cols, ok, mean, var, eps)
 
 
 @triton.jit

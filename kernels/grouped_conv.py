@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-# The statistics partials are kernels.conv_bn's format, finalised by its kernels.
-from .conv_bn import _dot_precision, _finalize, _nhwc_empty, _store_tile_stats, _strided_size
+from .bn_stats import finalize, store_tile_stats
+from .common import dot_precision, load_bn_relu, nhwc_empty, strided_size
 
 # Channels a packed tile aims to span: tl.dot's minimum in the interpreter (so the tests
 # see packs, ragged packs and multi-tile groups), 32 on a GPU so that each pixel's slice
@@ -119,12 +119,7 @@ def _conv_kernel(
             kk = k0 + tl.arange(0, BLOCK_K)
             k_grp, ks, k_ok = _pack_channels(pack, kk, Kg, G, GP)
             ok = valid[:, None] & k_ok[None, :]
-            a = tl.load(X + src[:, None] * K_total + ks[None, :], mask=ok, other=0.0)
-            if PROLOGUE:
-                scale = tl.load(IN_SCALE + ks, mask=k_ok, other=0.0)
-                shift = tl.load(IN_SHIFT + ks, mask=k_ok, other=0.0)
-                h = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
-                a = tl.where(ok, h, 0.0).to(X.dtype.element_ty)
+            a = load_bn_relu(X + src[:, None] * K_total + ks[None, :], ok, ks, k_ok, IN_SCALE, IN_SHIFT, PROLOGUE)
             same = (k_grp[:, None] == n_grp[None, :]) & k_ok[:, None] & col_ok[None, :]
             local_k = kk - (k_grp - pack * GP) * Kg
             w = tl.load(WG + (tap * C_total + cols.to(tl.int64)[None, :]) * Kg + local_k[:, None], mask=same, other=0.0)
@@ -133,7 +128,7 @@ def _conv_kernel(
     y = acc.to(Y.dtype.element_ty)
     tl.store(Y + r[:, None] * C_total + cols[None, :], y, mask=ok)
     if STATS:
-        _store_tile_stats(y, ok, col_ok, cols, PART, pid_m, M, C_total, BLOCK_M)
+        store_tile_stats(y, ok, col_ok, cols, PART, pid_m, M, C_total, BLOCK_M)
 
 
 @triton.jit
@@ -177,12 +172,8 @@ def _wgrad_kernel(
         valid = row_ok & (ih >= 0) & (iw >= 0) & (ih < H) & (iw < W)
         dy_t = tl.load(DY + r[None, :] * Cout + cols[:, None], mask=row_ok[None, :] & col_ok[:, None], other=0.0)
         ok = valid[:, None] & k_ok[None, :]
-        x = tl.load(X + ((image * H + ih) * W + iw)[:, None] * Cin + ks[None, :], mask=ok, other=0.0)
-        if PROLOGUE:
-            scale = tl.load(IN_SCALE + ks, mask=k_ok, other=0.0)
-            shift = tl.load(IN_SHIFT + ks, mask=k_ok, other=0.0)
-            h = tl.maximum(x.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
-            x = tl.where(ok, h, 0.0).to(X.dtype.element_ty)
+        x = load_bn_relu(X + ((image * H + ih) * W + iw)[:, None] * Cin + ks[None, :], ok, ks, k_ok,
+                         IN_SCALE, IN_SHIFT, PROLOGUE)
         acc = tl.dot(dy_t, x, acc, input_precision=DOT_PRECISION)
     # Only the block diagonal is a weight; the products across groups are discarded.
     keep = (n_grp[:, None] == k_grp[None, :]) & col_ok[:, None] & k_ok[None, :]
@@ -196,7 +187,7 @@ def _launch_conv(x, wg, in_scale, in_shift, out_hw, c_out, k_group, n_group, gro
     n, k_total, hi, wi = x.shape
     ho, wo = out_hw
     m = n * ho * wo
-    y = _nhwc_empty(n, c_out, ho, wo, x)
+    y = nhwc_empty(n, c_out, ho, wo, x)
     cfg = _tiling(k_group, n_group, groups, x.dtype, x.device, span)
     tiles_m = triton.cdiv(m, cfg["BLOCK_M"])
     tiles_c = triton.cdiv(groups, cfg["GP"]) * triton.cdiv(cfg["GP"] * n_group, cfg["BLOCK_N"])
@@ -206,7 +197,7 @@ def _launch_conv(x, wg, in_scale, in_shift, out_hw, c_out, k_group, n_group, gro
         x, wg, in_scale if prologue else y, in_shift if prologue else y, y, part,
         m, hi, wi, ho, wo, k_total, c_out, groups, k_group, n_group,
         STRIDE=stride, TRANSPOSED=transposed, PROLOGUE=prologue, STATS=stats,
-        DOT_PRECISION=_dot_precision(x.dtype), **cfg)
+        DOT_PRECISION=dot_precision(x.dtype), **cfg)
     return y, (part if stats else x.new_empty(0, dtype=torch.float32)), cfg["BLOCK_M"]
 
 
@@ -217,11 +208,11 @@ def grouped_conv_fwd_triton(x: torch.Tensor, weight: torch.Tensor, in_scale: tor
     """y = conv3x3(relu(x * in_scale + in_shift) or x, weight, stride, padding 1, groups) for
     channels_last x [N, Cin, H, W] and weight [Cout, Cin/groups, 3, 3] in x's dtype. With
     stats, also part [2, tiles, Cout] fp32: per tile of part_rows(...) output rows, the sum
-    and the centred sum of squares of y (kernels.conv_bn's partials format); else empty."""
+    and the centred sum of squares of y (kernels.bn_stats' partials format); else empty."""
     c_out, k_group = weight.shape[0], weight.shape[1]
     n, _, h, w = x.shape
     wg = weight.permute(2, 3, 0, 1).reshape(9, c_out, k_group).contiguous()
-    y, part, _ = _launch_conv(x, wg, in_scale, in_shift, (_strided_size(h, stride), _strided_size(w, stride)),
+    y, part, _ = _launch_conv(x, wg, in_scale, in_shift, (strided_size(h, stride), strided_size(w, stride)),
                               c_out, k_group, c_out // groups, groups, stride, False, stats, span)
     return y, part
 
@@ -230,8 +221,8 @@ def grouped_conv_fwd_triton(x: torch.Tensor, weight: torch.Tensor, in_scale: tor
 def _(x, weight, in_scale, in_shift, stride, groups, stats, span):
     n, _, h, w = x.shape
     c_out = weight.shape[0]
-    ho, wo = _strided_size(h, stride), _strided_size(w, stride)
-    y = _nhwc_empty(n, c_out, ho, wo, x)
+    ho, wo = strided_size(h, stride), strided_size(w, stride)
+    y = nhwc_empty(n, c_out, ho, wo, x)
     if not stats:
         return y, x.new_empty(0, dtype=torch.float32)
     tiles = triton.cdiv(n * ho * wo, part_rows(x.dtype, x.device))
@@ -254,11 +245,11 @@ def grouped_conv_bn_fwd_triton(x: torch.Tensor, weight: torch.Tensor, in_scale: 
     conv_bn_fwd_triton returns them: a, mean, invstd, scale, shift."""
     c_out, k_group = weight.shape[0], weight.shape[1]
     n, _, h, w = x.shape
-    ho, wo = _strided_size(h, stride), _strided_size(w, stride)
+    ho, wo = strided_size(h, stride), strided_size(w, stride)
     wg = weight.permute(2, 3, 0, 1).reshape(9, c_out, k_group).contiguous()
     a, part, rows = _launch_conv(x, wg, in_scale, in_shift, (ho, wo), c_out, k_group, c_out // groups, groups, stride,
                                  False, True, span)
-    return (a, *_finalize(part, rows, n * ho * wo, bn_weight, bn_bias, running_mean, running_var, momentum, eps))
+    return (a, *finalize(part, rows, n * ho * wo, bn_weight, bn_bias, running_mean, running_var, momentum, eps))
 
 
 @grouped_conv_bn_fwd_triton.register_fake
@@ -266,7 +257,7 @@ def _(x, weight, in_scale, in_shift, stride, groups, span, bn_weight, bn_bias, r
       eps):
     n, _, h, w = x.shape
     c_out = weight.shape[0]
-    a = _nhwc_empty(n, c_out, _strided_size(h, stride), _strided_size(w, stride), x)
+    a = nhwc_empty(n, c_out, strided_size(h, stride), strided_size(w, stride), x)
     return (a, *(x.new_empty(c_out, dtype=torch.float32) for _ in range(4)))
 
 
@@ -286,7 +277,7 @@ def grouped_conv_dgrad_triton(grad_y: torch.Tensor, weight: torch.Tensor, input_
 
 @grouped_conv_dgrad_triton.register_fake
 def _(grad_y, weight, input_hw, stride, groups, span):
-    return _nhwc_empty(grad_y.shape[0], groups * weight.shape[1], input_hw[0], input_hw[1], grad_y)
+    return nhwc_empty(grad_y.shape[0], groups * weight.shape[1], input_hw[0], input_hw[1], grad_y)
 
 
 @torch.library.custom_op("engine::grouped_conv_wgrad_triton", mutates_args=())
@@ -316,7 +307,7 @@ def grouped_conv_wgrad_triton(grad_y: torch.Tensor, x: torch.Tensor, in_scale: t
     _wgrad_kernel[(tiles, 9, splits)](
         grad_y, x, in_scale if prologue else part, in_shift if prologue else part, part,
         m, h, w, ho, wo, c_in, c_out, groups, rows_per_split, k_group, n_group,
-        STRIDE=stride, PROLOGUE=prologue, DOT_PRECISION=_dot_precision(x.dtype), **cfg)
+        STRIDE=stride, PROLOGUE=prologue, DOT_PRECISION=dot_precision(x.dtype), **cfg)
     return part.sum(0).reshape(3, 3, c_out, k_group).permute(2, 3, 0, 1).contiguous()
 
 

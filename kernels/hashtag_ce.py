@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import dot_precision
+
 # The backward's G chunk ([B, chunk] in x's dtype). 32 MiB is 32k classes at B=512 in
 # bf16: GEMMs large enough to fill an H100, and small enough to stay in its 50 MB L2
 # between the kernel that writes it and the two GEMMs that read it.
@@ -49,12 +51,6 @@ def _config(dtype: torch.dtype, device: torch.device) -> dict:
     # 128 x 128 output tiles with 64-deep operand slices, triple-buffered: 96 KB of shared
     # memory, the usual Hopper sweet spot for bf16 GEMMs in Triton.
     return dict(BLOCK_B=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get true fp32 products (as torch's default matmul); tf32 would change
-    # the logits in the fourth significant digit.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit
@@ -272,7 +268,7 @@ def _forward_impl(x, weight, bias, tags, tag_weights, with_logit_sum):
         x, weight, bias if bias is not None else weight, tags, tag_weights, part,
         b, v, d, tiles_per_split,
         K=k, K_POW2=triton.next_power_of_2(k), HAS_BIAS=bias is not None, WITH_LOGIT_SUM=with_logit_sum,
-        V_ROUND=v % 16 != 0, DOT_PRECISION=_dot_precision(x.dtype), **cfg)
+        V_ROUND=v % 16 != 0, DOT_PRECISION=dot_precision(x.dtype), **cfg)
     m = part[0].amax(0)
     stats[0] = m
     stats[1] = (part[1] * torch.exp(part[0] - m)).sum(0)
@@ -316,7 +312,7 @@ def _backward_impl(x, weight, bias, tags, tag_weights, lse, coef, need_dx, need_
     scale = (bound / G_BOUND).clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
     coef = (coef / scale).contiguous()
     cfg = _config(x.dtype, x.device)
-    precision = _dot_precision(x.dtype)
+    precision = dot_precision(x.dtype)
     k = tags.shape[1]
     chunk = chunk_classes(b, v, x.dtype, x.device)
     g = torch.empty(b, chunk, device=x.device, dtype=x.dtype)

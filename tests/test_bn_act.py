@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.ops import BackendUnavailableError, BatchNormAct2d, bn_act, bn_act_op, bn_act_reference
+from engine.ops import BackendUnavailableError, BatchNormAct2d, bn_act
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 # Where the single-device tests run: the GPU when there is one, else Triton's interpreter.
@@ -59,7 +59,7 @@ def run(fn, x, res, params, grad, training, relu, **kw):
 
 def reference_fp32(x, rm, rv, w, b, training, momentum, eps, residual=None, relu=False):
     """The reference on upcast inputs: what a half-precision kernel should approximate."""
-    out = bn_act_reference(x.float(), rm, rv, w, b, training, momentum, eps,
+    out = bn_act.reference(x.float(), rm, rv, w, b, training, momentum, eps,
                            residual=residual.float() if residual is not None else None, relu=relu)
     return out.to(x.dtype)
 
@@ -186,7 +186,7 @@ def test_no_affine_and_no_running_stats(backend):
     x1 = x.clone().requires_grad_()
     x2 = x.clone().requires_grad_()
     y = bn_act(x1, None, None, training=True, relu=True, backend=backend)
-    y_ref = bn_act_reference(x2, None, None, training=True, relu=True)
+    y_ref = bn_act.reference(x2, None, None, training=True, relu=True)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(torch.autograd.grad(y, x1, grad)[0], torch.autograd.grad(y_ref, x2, grad)[0],
                                atol=1e-5, rtol=1e-4)
@@ -212,7 +212,7 @@ def test_module_matches_batchnorm_then_relu():
 def test_auto_dispatch_on_cpu_picks_reference_and_says_why():
     x, _, params, _ = make_inputs((2, 4, 3, 3), torch.float32, "cpu", False, False)
     bn_act(x, params["running_mean"], params["running_var"], training=True)
-    decision = bn_act_op.last_decision
+    decision = bn_act.last_decision
     assert decision.backend == "reference" and not decision.forced
     assert "triton" in decision.skipped and "cuda" in decision.skipped
     assert "CPU" in decision.skipped["cuda"]
@@ -222,7 +222,7 @@ def test_environment_variable_forces_a_backend(monkeypatch):
     x, _, params, _ = make_inputs((2, 4, 3, 3), torch.float32, "cpu", False, False)
     monkeypatch.setenv("ENGINE_BACKEND", "cuda")
     bn_act(x, params["running_mean"], params["running_var"], training=True)
-    assert bn_act_op.last_decision.backend == "cuda" and bn_act_op.last_decision.forced
+    assert bn_act.last_decision.backend == "cuda" and bn_act.last_decision.forced
     monkeypatch.setenv("ENGINE_BACKEND", "fastest")
     with pytest.raises(ValueError, match="ENGINE_BACKEND must be one of reference, triton, cuda"):
         bn_act(x, params["running_mean"], params["running_var"], training=True)
@@ -283,7 +283,7 @@ def test_traces_under_torch_compile(backend):
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     y, rm, rv, grads = run(lambda x, rm, rv, w, b, t, m, e, residual, relu: compiled(x, residual, rm, rv, w, b),
                            x, res, params, grad, True, True)
-    y_ref, rm_ref, rv_ref, grads_ref = run(bn_act_reference, x, res, params, grad, True, True)
+    y_ref, rm_ref, rv_ref, grads_ref = run(bn_act.reference, x, res, params, grad, True, True)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(rm, rm_ref)
     for g, g_ref in zip(grads, grads_ref):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.models import autotune_fused_blocks, resnext
-from engine.ops import backends, bn_act_op, verify
+from engine.ops import backends, bn_act, verify
 from engine.ops.bn_act import BatchNormAct2d
 
 pytestmark = pytest.mark.skipif(backends.load_extension() is None, reason="needs engine._C (its C++ loop)")
@@ -80,8 +80,8 @@ def test_compiled_fused_model_calls_the_fused_kernels_after_warm_up(device_path,
         torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
         # Each block's norms ran on the first backend in the order: the extension's kernel (its C++ loop here).
         calls = [t for graph in seen for t in graph if "bn_act" in t]
-        assert calls == ["engine.bn_act_fwd_cuda.default"] * norms, (dynamic, calls)
-        assert bn_act_op.last_decision.backend == "cuda"
+        assert calls == ["engine.bn_act_fwd.default"] * norms, (dynamic, calls)
+        assert bn_act.last_decision.backend == "cuda"
 
 
 def test_compiled_without_warm_up_runs_the_reference_and_says_so(device_path, monkeypatch):

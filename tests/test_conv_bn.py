@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import Bottleneck as TorchvisionBottleneck
 
+from engine.kernels import bn_stats
 from engine.kernels import conv_bn as K
-from engine.models.fused_bottleneck import ConvBNBottleneck
+from engine.models import ConvBNBottleneck
 from engine.ops import BackendUnavailableError
-from engine.ops.conv_bn import BNParams, conv_bn_bottleneck, conv_bn_bottleneck_op
+from engine.ops.conv_bn import BNParams, conv_bn_bottleneck
 
 REPO = Path(__file__).resolve().parent.parent
 # The GPU when there is one, else Triton's interpreter (conftest sets TRITON_INTERPRET=1).
@@ -130,7 +131,7 @@ def test_stats_pass_does_not_cancel(dtype):
     x = nhwc((3, 21, 6, 5), dtype, scale=1.0, offset=1000.0)
     c = x.shape[1]
     gamma, beta, rm, rv = vec(c, 0.5, 1.5), vec(c), torch.zeros(c, device=DEVICE), torch.ones(c, device=DEVICE)
-    mean, invstd, scale, shift = K.conv_bn_stats_triton(x, gamma, beta, rm, rv, 0.3, 1e-5)
+    mean, invstd, scale, shift = bn_stats.conv_bn_stats_triton(x, gamma, beta, rm, rv, 0.3, 1e-5)
     m, var, unbiased = batch_stats(x)
     assert_close(mean, m, 0, 1e-6, "mean")
     assert_close(invstd, (var + 1e-5).rsqrt(), 0, 1e-4, "invstd")
@@ -148,7 +149,7 @@ def test_apply(dtype, tol, residual):
     r = nhwc(x.shape, dtype) if residual != "none" else None
     r_scale, r_shift = (vec(c), vec(c)) if residual == "affine" else (None, None)
     relu = residual != "none"
-    y = K.conv_bn_apply_triton(x, scale, shift, r, r_scale, r_shift, relu)
+    y = bn_stats.conv_bn_apply_triton(x, scale, shift, r, r_scale, r_shift, relu)
     expected = x.float() * per_channel(scale) + per_channel(shift)
     if residual == "plain":
         expected = expected + r.float()
@@ -212,10 +213,10 @@ def test_bwd_reduce_and_coefficients_match_autograd(dtype, tol, residual):
     if r_bn:
         r_mean, r_invstd = forward_stats(r)
         r_scale, r_shift = r_gamma * r_invstd, r_beta - r_mean * r_gamma * r_invstd
-    masked, sums = K.conv_bn_bwd_reduce_triton(g, a, scale, shift, mean, r, r_scale if r_bn else None,
+    masked, sums = bn_stats.conv_bn_bwd_reduce_triton(g, a, scale, shift, mean, r, r_scale if r_bn else None,
                                                r_shift if r_bn else None, r_mean if r_bn else None, r is not None)
     assert sums.shape == (3 if r_bn else 2, c)
-    dweight, dbias, k_g, k_x, k_0 = K.conv_bn_bwd_coeff_triton(sums[0], sums[1], mean, invstd, gamma, count)
+    dweight, dbias, k_g, k_x, k_0 = bn_stats.conv_bn_bwd_coeff_triton(sums[0], sums[1], mean, invstd, gamma, count)
     da = masked.float() if r is not None else torch.where(a.float() * per_channel(scale) + per_channel(shift) > 0,
                                                           g.float(), 0.0)
     da = da * per_channel(k_g) + a.float() * per_channel(k_x) + per_channel(k_0)
@@ -228,7 +229,7 @@ def test_bwd_reduce_and_coefficients_match_autograd(dtype, tol, residual):
         if residual == "plain":
             assert_close(masked, expected[3], 0, 0, "residual gradient (the masked gradient)")
         else:
-            dgd, dbd, kgd, kxd, k0d = K.conv_bn_bwd_coeff_triton(sums[0], sums[2], r_mean, r_invstd, r_gamma, count)
+            dgd, dbd, kgd, kxd, k0d = bn_stats.conv_bn_bwd_coeff_triton(sums[0], sums[2], r_mean, r_invstd, r_gamma, count)
             dr = masked.float() * per_channel(kgd) + r.float() * per_channel(kxd) + per_channel(k0d)
             assert_close_scaled(dr, expected[3], FP32_RTOL, "d residual")
             assert_close_scaled(dgd, expected[4], FP32_RTOL, "residual bn dweight")
@@ -388,7 +389,7 @@ def check_block_against_torchvision(dtype, tol, block):
     y_theirs.backward(grad)
     y_ours.backward(grad.to(dtype))
     assert y_ours.dtype == dtype and y_ours.is_contiguous(memory_format=NHWC)
-    assert conv_bn_bottleneck_op.last_decision.backend == "triton"
+    assert conv_bn_bottleneck.last_decision.backend == "triton"
     # Three convolutions and batch norms deep, with every intermediate rounded to dtype: a
     # few ulps of the output's scale; the running statistics are fp32 sums.
     assert_close_scaled(y_ours, y_theirs, 2 * tol, "train output")
@@ -410,7 +411,7 @@ def check_block_against_torchvision(dtype, tol, block):
     with torch.no_grad():
         y_theirs = theirs(x_theirs)
         y_ours = ours(x_ours)
-    assert conv_bn_bottleneck_op.last_decision.backend == "triton"
+    assert conv_bn_bottleneck.last_decision.backend == "triton"
     assert_close_scaled(y_ours, y_theirs, 2 * tol, "eval output")
 
 
@@ -434,7 +435,7 @@ def test_reference_backend_is_torchvisions_block():
     for _ in range(2):
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-4)
     if DEVICE == "cpu":
-        decision = conv_bn_bottleneck_op.last_decision
+        decision = conv_bn_bottleneck.last_decision
         assert decision.backend == "reference" and not decision.forced
         assert "CPU" in decision.skipped["triton"]
     for key, value in theirs.state_dict().items():

@@ -16,11 +16,11 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck as TorchvisionBottleneck
 
 from engine.kernels import grouped_conv as GK
-from engine.models.fused_bottleneck import ConvBNBottleneck
+from engine.models import ConvBNBottleneck
 from engine.models.resnext import resnext
 from engine.ops import BackendUnavailableError, backends
 from engine.ops.autotune import Autotuner, default_path, default_tuner
-from engine.ops.grouped_conv import grouped_conv3x3, grouped_conv3x3_op, grouped_conv3x3_reference
+from engine.ops.grouped_conv import grouped_conv3x3
 
 REPO = Path(__file__).resolve().parent.parent
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,7 +114,7 @@ def test_matches_conv2d_with_prologue_and_stats(backend, dtype, tol, case):
     theirs = _leaves(x.float(), weight, scale, shift)
     y, mean, var = grouped_conv3x3(ours[0], ours[1], stride=stride, groups=groups, in_scale=ours[2],
                                    in_shift=ours[3], stats=True, backend=backend)
-    assert grouped_conv3x3_op.last_decision.backend == backend
+    assert grouped_conv3x3.last_decision.backend == backend
     # The reference rounds the normalised activation to dtype, as the kernel does.
     h_ref = F.relu(theirs[0] * theirs[2].view(1, -1, 1, 1) + theirs[3].view(1, -1, 1, 1))
     h_ref = h_ref + (h_ref.detach().to(dtype).float() - h_ref.detach())
@@ -157,7 +157,7 @@ def test_plain_convolution(backend, dtype, tol, groups, width, stride, n, h, w):
 
 def test_reference_is_the_specification():
     x, weight, scale, shift = _inputs(4, 3, 2, 5, 4, torch.float32, prologue=True)
-    y, mean, var = grouped_conv3x3_reference(x, weight, stride=2, groups=4, in_scale=scale, in_shift=shift,
+    y, mean, var = grouped_conv3x3.reference(x, weight, stride=2, groups=4, in_scale=scale, in_shift=shift,
                                              stats=True)
     h = F.relu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
     expected = F.conv2d(h, weight, None, 2, 1, 1, 4)
@@ -170,7 +170,7 @@ def test_reference_is_the_specification():
 def test_cpu_runs_the_reference_unless_forced():
     x, weight, _, _ = _inputs(4, 4, 1, 3, 3, torch.float32, prologue=False)
     grouped_conv3x3(x, weight, groups=4)
-    decision = grouped_conv3x3_op.last_decision
+    decision = grouped_conv3x3.last_decision
     assert decision.backend == "reference" and not decision.forced
     assert "CPU" in decision.skipped["triton"]
     assert "CPU" in decision.skipped["cuda"] or "not built" in decision.skipped["cuda"]
@@ -198,20 +198,20 @@ def test_forced_cuda_names_what_it_cannot_run():
 
 @needs_extension
 @pytest.mark.parametrize("call, message", [
-    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_fwd_cuda(x.contiguous(), w, None, None, 1, False, 8),
+    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_fwd(x.contiguous(), w, None, None, 1, False, 8),
      "x must be channels_last"),
-    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_fwd_cuda(x, w.half(), None, None, 1, False, 8),
+    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_fwd(x, w.half(), None, None, 1, False, 8),
      "weight must be Float"),
-    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_fwd_cuda(x, w, None, None, 1, False, 0),
+    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_fwd(x, w, None, None, 1, False, 0),
      "rows_per_part must be positive"),
-    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_fwd_cuda(x[:, 1:], w[1:], None, None, 1, False, 8),
+    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_fwd(x[:, 1:], w[1:], None, None, 1, False, 8),
      "must be channels_last|byte boundary"),
-    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_fwd_cuda(x, w, torch.ones(16), None, 1, False, 8),
+    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_fwd(x, w, torch.ones(16), None, 1, False, 8),
      "both in_scale and in_shift"),
-    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_dgrad_cuda(g, w, [7, 7], 2), r"input_hw \[7, 7\]"),
-    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_wgrad_cuda(g, x, None, None, 4, 1),
+    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_dgrad(g, w, [7, 7], 2), r"input_hw \[7, 7\]"),
+    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_wgrad(g, x, None, None, 4, 1),
      r"grad_y must have shape \[2, 16, 5, 5\]"),
-    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_wgrad_cuda(x, x, None, None, 3, 1),
+    (lambda x, w, g: torch.ops.engine.grouped_conv3x3_wgrad(x, x, None, None, 3, 1),
      "group widths 1, 2, 4 or 8"),
 ])
 def test_extension_checks_its_arguments(call, message):
@@ -462,11 +462,11 @@ def test_autotune_cache_lives_under_engine_cache_dir(tmp_path, monkeypatch):
 def test_cuda_dispatch_autotunes_once():
     x, weight, _, _ = _inputs(32, 8, 4, 14, 14, torch.float16, prologue=False)
     grouped_conv3x3(x, weight, groups=32)
-    first = grouped_conv3x3_op.last_decision.backend
+    first = grouped_conv3x3.last_decision.backend
     tuner = default_tuner()
     assert len(tuner._entries) == 1 and default_path().exists()
     grouped_conv3x3(x, weight, groups=32)
-    assert grouped_conv3x3_op.last_decision.backend == first and len(tuner._entries) == 1
+    assert grouped_conv3x3.last_decision.backend == first and len(tuner._entries) == 1
 
 
 def test_benchmark_smoke(tmp_path):

@@ -9,8 +9,8 @@ import torch
 from engine.heads import HashtagHead
 from engine.kernels import hashtag_ce as triton_kernels
 from engine.ops import BackendUnavailableError, hashtag_ce
-from engine.ops.hashtag_ce import (Layout, _DenseKernels, _HashtagCEFunction, hashtag_ce_op, hashtag_ce_triton,
-                                   target_weights)
+from engine.ops import REGISTRY
+from engine.ops.hashtag_ce import Layout, _DenseKernels, _HashtagCEFunction, target_weights
 
 SHAPES = [  # B, D, V, K
     (13, 40, 300, 3),   # V, D not multiples of the tiles (32 classes, 16 features); several vocabulary splits
@@ -225,7 +225,7 @@ def test_bad_option_is_named(options, message):
 def test_auto_dispatch_on_cpu_picks_reference_and_says_why():
     x, weight, bias, tags, _ = make_case(5, 8, 30, 3)
     hashtag_ce(x, weight, tags, bias=bias)
-    decision = hashtag_ce_op.last_decision
+    decision = REGISTRY["hashtag_ce"].last_decision
     assert decision.backend == "reference" and not decision.forced
     assert "triton" in decision.skipped  # CPU tensors: picked only when forced
 
@@ -257,7 +257,7 @@ def test_traces_under_torch_compile():
     layout = Layout(0, (6,), (40,))
 
     def step(x, weight, bias):
-        return hashtag_ce_triton(x, weight, tags, tw, bias, label_smoothing=0.1, layout=layout)[0]
+        return REGISTRY["hashtag_ce"].backends["triton"].impl(x, weight, tags, tw, bias, label_smoothing=0.1, layout=layout)[0]
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]

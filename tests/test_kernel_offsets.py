@@ -22,7 +22,7 @@ SCRIPT = r"""
 import json, sys, torch
 from benchmarks import compile_gate as g
 from benchmarks import compile_gate_capture as cap
-from engine.kernels import bn_act, conv_bn
+from engine.kernels import bn_act, bn_stats
 
 rec = cap.Recorder()
 with cap.intercepted(rec):
@@ -35,9 +35,9 @@ with cap.intercepted(rec):
             bn_act.backward(y, x, y, c, mean, invstd, training, True, True)
         if layout == torch.channels_last:
             # conv_bn's elementwise and reduction passes on the same tensor (fused="conv").
-            conv_bn.conv_bn_stats_triton(x, c, c, c, c, 0.1, 1e-5)
-            conv_bn.conv_bn_apply_triton(x, c, c, x, c, c, True)
-            conv_bn.conv_bn_bwd_reduce_triton(x, x, c, c, c, x, c, c, c, True)
+            bn_stats.conv_bn_stats_triton(x, c, c, c, c, 0.1, 1e-5)
+            bn_stats.conv_bn_apply_triton(x, c, c, x, c, c, True)
+            bn_stats.conv_bn_bwd_reduce_triton(x, x, c, c, c, x, c, c, c, True)
 out = []
 for spec in rec.specs.values():
     row = g.compile_spec(spec, 90, keep_ttir=True)
@@ -63,8 +63,8 @@ def compiled():
 def test_every_large_tensor_kernel_was_compiled(compiled):
     kernels = {r["kernel"] for r in compiled}
     assert {"bn_act._stats_kernel", "bn_act._apply_fwd_kernel", "bn_act._bwd_reduce_kernel",
-            "bn_act._apply_bwd_kernel", "conv_bn._stats_kernel", "conv_bn._apply_kernel",
-            "conv_bn._bwd_reduce_kernel"} <= kernels
+            "bn_act._apply_bwd_kernel", "bn_stats._stats_kernel", "bn_stats._apply_kernel",
+            "bn_stats._bwd_reduce_kernel"} <= kernels
     assert [r for r in compiled if r["error"]] == []
     # The check below looks at the accesses to these arguments.
     assert {a for r in compiled if r["kernel"] == "bn_act._apply_fwd_kernel" for a in r["large_args"]} == {"X", "RES", "Y"}

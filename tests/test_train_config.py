@@ -124,7 +124,7 @@ def test_apex_optimizers_absent_name_the_alternative(tmp_path):
 
 
 def test_learning_rate_schedule():
-    from engine.train import lr_lambda, peak_lr
+    from engine.builders import lr_lambda, peak_lr
 
     cfg = apply_overrides(get_preset("tiny"), ["train.steps=100", "train.batch_size=512", "optim.base_lr=0.1",
                                                "optim.warmup_steps=10", "optim.warmup_start=0.5",
@@ -159,10 +159,10 @@ def test_cli_errors_name_the_field(capsys, tmp_path):
 
 
 def test_one_switch_selects_the_fused_blocks():
-    from engine.models import ConvBNBottleneck, FusedBottleneck
-    from engine.train import build_trunk
+    from engine.builders import build_trunk
+    from engine.models import BNActBottleneck, ConvBNBottleneck
 
-    for mode, block in (("bn_act", FusedBottleneck), ("conv", ConvBNBottleneck)):
+    for mode, block in (("bn_act", BNActBottleneck), ("conv", ConvBNBottleneck)):
         cfg = apply_overrides(get_preset("tiny"), [f"model.fused={mode}", "data.synthetic=true"])
         validate(cfg, 1)
         assert isinstance(build_trunk(cfg).layer1[0], block)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import TransferConfig, apply_overrides, get_preset
+from engine.config import apply_overrides, get_preset
+from engine.evaluate import TransferConfig
 from engine.distributed import spawn_ranks
 
 TIMEOUT_S = 300

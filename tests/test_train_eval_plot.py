@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from engine.cli import main
-from engine.config import ConfigError, TransferConfig
+from engine.config import ConfigError
+from engine.evaluate import TransferConfig
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.filterwarnings(

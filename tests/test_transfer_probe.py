@@ -10,7 +10,8 @@ tests cannot, since random features separate colours."""
 import pytest
 import torch
 
-from engine.config import TransferConfig, apply_overrides, get_preset
+from engine.config import apply_overrides, get_preset
+from engine.evaluate import TransferConfig
 
 CLASSES = 8
 CHANCE = 100.0 / CLASSES
@@ -56,7 +57,7 @@ def probe_set(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def random_weights(pretrained, tmp_path_factory):
-    from engine.train import build_trunk
+    from engine.builders import build_trunk
 
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("random") / "random_trunk.pt"

@@ -54,12 +54,10 @@ def _good(x, w):
 
 def install():
     """The test doubles, in the test process and in every verification child."""
-    wrong = define("double_wrong", preference=("cuda", "triton", "reference"))
-    wrong.register("reference", _reference)
+    wrong = define("double_wrong", _reference)
     wrong.register("cuda", _crash)
     wrong.register("triton", _wrong_forward)
-    grads = define("double_grads", preference=("cuda", "triton", "reference"))
-    grads.register("reference", _reference)
+    grads = define("double_grads", _reference)
     grads.register("cuda", _wrong_gradient)
     grads.register("triton", _good)
 
@@ -274,8 +272,33 @@ def test_candidates_checker_checks_variants_in_one_child(doubles, monkeypatch):
 
 
 def _install_variants():
-    verify.VARIANT_RUNNERS["double_grads"] = (
+    from engine.ops.dispatch import REGISTRY
+    REGISTRY["double_grads"].run_variant = (
         lambda variant, x, w: _good(x, w) if variant == "triton:1" else _wrong_forward(x, w))
+
+
+def test_an_autotuned_op_runs_what_its_tuner_chose(doubles, monkeypatch):
+    """For a tuned op the tuner, not the gate, decides (its candidates were checked when it
+    timed them): the chosen backend runs, the others are skipped saying so; where the tuner
+    times nothing (None) the verification gate decides as for any op."""
+    _, grads = doubles
+    spawns = _spawns(monkeypatch)
+    x, w = _inputs()
+    grads.tune = lambda x, w: "triton:2"
+    grads(x, w)
+    assert grads.last_decision.backend == "triton"
+    assert grads.last_decision.skipped == {"cuda": "autotuned: triton:2 is faster for this shape"}
+    grads.tune = lambda x, w: "reference"
+    grads(x, w)
+    assert grads.last_decision.backend == "reference"
+    assert set(grads.last_decision.skipped) == {"cuda", "triton"}
+    assert "cuDNN (the reference) is faster" in grads.last_decision.skipped["triton"]
+    assert spawns == []
+    grads.tune = lambda x, w: None
+    grads(x, w)
+    # The gate checked both fused backends: cuda's wrong gradient failed, triton passed.
+    assert grads.last_decision.backend == "triton" and "mismatch" in grads.last_decision.skipped["cuda"]
+    assert len(spawns) == 1
 
 
 def test_digest_covers_every_kernel_source_the_glue_and_the_extension(tmp_path):
@@ -286,7 +309,7 @@ def test_digest_covers_every_kernel_source_the_glue_and_the_extension(tmp_path):
     kernel_dir = os.path.dirname(kernels.__file__)
     assert {("kernels", n) for n in os.listdir(kernel_dir) if n.endswith(".py")} <= names
     assert {("ops", n) for n in ("conv_bn.py", "grouped_conv.py", "bn_act.py", "_cuda_grouped_conv.py",
-                                 "hashtag_ce.py", "verify.py")} <= names
+                                 "hashtag_ce.py", "verify.py", "check_child.py", "numerics.py")} <= names
     if backends.load_extension() is not None:
         assert any(p.suffix == ".so" for p in files)
     # One changed byte in any of them changes the digest.
@@ -311,13 +334,14 @@ def test_grouped_conv_tuner_candidates_are_checked(monkeypatch, tmp_path):
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
     verify.forget_memory()
     spawns = _spawns(monkeypatch)
-    check = verify.grouped_conv_checker((2, 8, 5, 4), torch.float32, torch.device("cpu"), 8, 2, 4, True, True, True)
+    from engine.ops.grouped_conv import candidates_checker
+    check = candidates_checker((2, 8, 5, 4), torch.float32, torch.device("cpu"), 8, 2, 4, True, True, True)
     out = check(["reference", "triton:16", "cuda"])
     assert out == {"reference": None, "triton:16": None, "cuda": None} and len(spawns) == 1
     monkeypatch.setattr(verify, "CHILD_SETUP", [f"{__name__}:_break_grouped_conv_wgrad"])
     verify.forget_memory()
-    broken = verify.grouped_conv_checker((2, 8, 5, 4), torch.float32, torch.device("cpu"), 8, 2, 4, True, True,
-                                         True)(["triton:32"])
+    broken = candidates_checker((2, 8, 5, 4), torch.float32, torch.device("cpu"), 8, 2, 4, True, True,
+                                True)(["triton:32"])
     assert "mismatch" in broken["triton:32"] and "gradient 1" in broken["triton:32"]
     verify.forget_memory()
 
@@ -351,8 +375,7 @@ def test_warm_up_checks_the_head_with_the_trunk_in_one_child(monkeypatch, tmp_pa
 
     from engine.heads import HashtagHead
     from engine.models import autotune_fused_blocks
-    from engine.ops import BatchNormAct2d, bn_act_op
-    from engine.ops.hashtag_ce import hashtag_ce_op
+    from engine.ops import REGISTRY, BatchNormAct2d, bn_act
     monkeypatch.setenv("ENGINE_VERIFY", "1")
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
     verify.forget_memory()
@@ -371,7 +394,7 @@ def test_warm_up_checks_the_head_with_the_trunk_in_one_child(monkeypatch, tmp_pa
     monkeypatch.setattr(verify, "run_jobs", lambda *a, **k: pytest.fail("the step ran a check after the warm-up"))
     loss = head(trunk(torch.randn(4, 3, 8, 8)), tags)
     loss.backward()
-    assert hashtag_ce_op.last_decision.backend == "triton", hashtag_ce_op.last_decision
-    assert bn_act_op.last_decision.backend != "reference", bn_act_op.last_decision
+    assert REGISTRY["hashtag_ce"].last_decision.backend == "triton", REGISTRY["hashtag_ce"].last_decision
+    assert bn_act.last_decision.backend != "reference", bn_act.last_decision
     assert head.weight.grad is not None and head.empty_rows.item() == 1
     verify.forget_memory()

@@ -320,6 +320,30 @@ def assign_part(task: dict) -> dict:
     return {"part": task["part"], "final": int(len(final))}
 
 
+def merge_reports(paths: list[str]) -> dict:
+    """The parts' reports (assign_part's) as one: counts summed, key lists concatenated in
+    part order and capped at REPORT_MAX_KEYS."""
+    merged: dict = {"valid_as_is": 0, "final": 0, "tags": 0}
+    lists = ("skipped", "reencoded", "in_eval_set", "duplicate", "no_hashtag")
+    for name in lists:
+        merged[name] = {}
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            r = json.load(f)
+        for name in ("valid_as_is", "final", "tags"):
+            merged[name] += r[name]
+        for name in lists:
+            for reason, entry in r[name].items():
+                m = merged[name].setdefault(reason, {"count": 0, "keys": []})
+                m["count"] += entry["count"]
+                room = REPORT_MAX_KEYS - len(m["keys"])
+                m["keys"].extend(entry["keys"][:room])
+    for name in lists:
+        for m in merged[name].values():
+            m["truncated"] = m["count"] > len(m["keys"])
+    return merged
+
+
 def route_part(task: dict) -> dict:
     """The part's final rows with everything a shard writer needs, keyed by their
     position in the seeded order and sorted by it."""
@@ -388,15 +412,13 @@ class PlanResult:
     distinct: int  # distinct hashtags of the kept rows
     final_counts: np.ndarray  # images per hashtag in the final set
     counts_path: str  # final_counts saved for the writers
-    report: dict  # merged part reports (write.merge_reports)
+    report: dict  # merged part reports (merge_reports)
     routes: list = field(default_factory=list)  # route-N.arrow, every part
     rejected_parts: list = field(default_factory=list)  # the parts of rejected.jsonl, in order
 
 
 def run_plan(engine, spec: PlanSpec) -> PlanResult:
     """Every plan stage on the engine; a stage's finished tasks (output present) are skipped."""
-    from engine.data.write import merge_reports
-
     parts = range(len(spec.rows))
 
     def name(kind: str, i: int) -> str:

@@ -9,13 +9,12 @@ shard. A rerun skips every finished shard whose plan is unchanged.
 
 finalize: the global index arrays are filled shard by shard through memory maps
 (never one in-memory list of all samples), keys.txt and rejected.jsonl are
-concatenated from their parts, the report is merged from the parts' reports.
+concatenated from their parts.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 
@@ -151,25 +150,3 @@ def concat_parts(paths: list[str], out_path: str) -> None:
                     out.write(block)
     os.replace(out_path + ".tmp", out_path)
 
-
-def merge_reports(paths: list[str]) -> dict:
-    """Counts summed, key lists concatenated in part order and capped (plan.REPORT_MAX_KEYS)."""
-    merged: dict = {"valid_as_is": 0, "final": 0, "tags": 0}
-    lists = ("skipped", "reencoded", "in_eval_set", "duplicate", "no_hashtag")
-    for name in lists:
-        merged[name] = {}
-    for p in paths:
-        with open(p, encoding="utf-8") as f:
-            r = json.load(f)
-        for name in ("valid_as_is", "final", "tags"):
-            merged[name] += r[name]
-        for name in lists:
-            for reason, entry in r[name].items():
-                m = merged[name].setdefault(reason, {"count": 0, "keys": []})
-                m["count"] += entry["count"]
-                room = plan_mod.REPORT_MAX_KEYS - len(m["keys"])
-                m["keys"].extend(entry["keys"][:room])
-    for name in lists:
-        for m in merged[name].values():
-            m["truncated"] = m["count"] > len(m["keys"])
-    return merged

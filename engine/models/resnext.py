@@ -13,73 +13,14 @@ from typing import Callable, Optional, Type, Union
 import torch
 from torch import Tensor, nn
 
-from engine.models.fused_bottleneck import ConvBNBottleneck
+from engine.architectures import ARCHITECTURES
+from engine.models.bn_act_bottleneck import BNActBottleneck
+from engine.models.bottleneck import Bottleneck, conv1x1
+from engine.models.conv_bn_bottleneck import ConvBNBottleneck
 from engine.ops.bn_act import BatchNormAct2d
 
 
-def conv3x3(in_ch: int, out_ch: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, groups=groups, bias=False)
-
-
-def conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
-
-
-def bottleneck_width(planes: int, groups: int, base_width: int) -> int:
-    return int(planes * (base_width / 64.0)) * groups
-
-
-class Bottleneck(nn.Module):
-    """torchvision's ResNet v1.5 bottleneck (stride on the grouped 3x3), plain PyTorch ops."""
-
-    expansion = 4
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
-                 groups: int = 1, base_width: int = 64):
-        super().__init__()
-        width = bottleneck_width(planes, groups, base_width)
-        self.conv1 = conv1x1(inplanes, width)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = conv3x3(width, width, stride, groups)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = conv1x1(width, planes * self.expansion)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
-
-
-class FusedBottleneck(nn.Module):
-    """The same block with each batch norm, residual add and ReLU in one `bn_act` op."""
-
-    expansion = 4
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
-                 groups: int = 1, base_width: int = 64):
-        super().__init__()
-        width = bottleneck_width(planes, groups, base_width)
-        self.conv1 = conv1x1(inplanes, width)
-        self.bn1 = BatchNormAct2d(width, relu=True)
-        self.conv2 = conv3x3(width, width, stride, groups)
-        self.bn2 = BatchNormAct2d(width, relu=True)
-        self.conv3 = conv1x1(width, planes * self.expansion)
-        self.bn3 = BatchNormAct2d(planes * self.expansion, relu=True)
-        self.downsample = downsample
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.bn1(self.conv1(x))
-        out = self.bn2(self.conv2(out))
-        return self.bn3(self.conv3(out), residual=identity)
-
-
-Block = Union[Type[Bottleneck], Type[FusedBottleneck], Type[ConvBNBottleneck]]
+Block = Union[Type[Bottleneck], Type[BNActBottleneck], Type[ConvBNBottleneck]]
 # How each block's batch norms run: plain PyTorch, bn_act passes, or fused into the 1x1 convolutions.
 FUSED_MODES = (False, True, "bn_act", "conv")
 
@@ -122,7 +63,7 @@ class ResNeXt(nn.Module):
                 nn.init.zeros_(m.bias)
         if zero_init_residual:
             for m in self.modules():
-                if isinstance(m, (Bottleneck, FusedBottleneck, ConvBNBottleneck)):
+                if isinstance(m, Bottleneck):
                     nn.init.zeros_(m.bn3.weight)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
@@ -152,24 +93,13 @@ def resnext(layers: list[int], groups: int, width_per_group: int, *, fused=False
     if fused not in FUSED_MODES:
         raise ValueError(f"fused must be one of {FUSED_MODES}, got {fused!r}")
     if fused in (True, "bn_act"):
-        return ResNeXt(FusedBottleneck, layers, groups, width_per_group,
+        return ResNeXt(BNActBottleneck, layers, groups, width_per_group,
                        norm_layer=lambda c: BatchNormAct2d(c, relu=False),
                        stem_norm=BatchNormAct2d(64, relu=True), **kwargs)
     if fused == "conv":
         return ResNeXt(ConvBNBottleneck, layers, groups, width_per_group,
                        stem_norm=BatchNormAct2d(64, relu=True), **kwargs)
     return ResNeXt(Bottleneck, layers, groups, width_per_group, **kwargs)
-
-
-# name -> (blocks per stage, cardinality, base width)
-ARCHITECTURES = {
-    "resnext50_32x4d": ([3, 4, 6, 3], 32, 4),
-    "resnext101_32x4d": ([3, 4, 23, 3], 32, 4),
-    "resnext101_32x8d": ([3, 4, 23, 3], 32, 8),
-    "resnext101_32x16d": ([3, 4, 23, 3], 32, 16),
-    "resnext101_32x32d": ([3, 4, 23, 3], 32, 32),
-    "resnext101_32x48d": ([3, 4, 23, 3], 32, 48),
-}
 
 
 def create_model(name: str, *, fused=False, **kwargs) -> ResNeXt:

@@ -35,10 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.models.fused_bottleneck import ConvBNBottleneck
-from engine.models.resnext import Bottleneck, FusedBottleneck, ResNeXt
+from engine.models.bn_act_bottleneck import BNActBottleneck
+from engine.models.bottleneck import Bottleneck
+from engine.models.conv_bn_bottleneck import ConvBNBottleneck
+from engine.models.resnext import ResNeXt
 from engine.ops.bn_act import BatchNormAct2d
-from engine.ops.verify import TOLERANCE, compare
+from engine.ops.numerics import TOLERANCE, compare
 
 # A whole network compounds each op's rounding; its step is held to this multiple of the op tolerance.
 MODEL_TOLERANCE_FACTOR = 4.0
@@ -109,10 +111,12 @@ def _follow_plan(fused: ResNeXt, plain: ResNeXt) -> tuple[list[tuple[nn.Module, 
     for name, block in plain.named_modules():
         if not isinstance(block, Bottleneck):
             continue
+        if type(block) is not Bottleneck:
+            raise ValueError(f"step check: the plain model's block {name} is a {type(block).__name__}")
         fused_block = fused_modules.get(name)
         if isinstance(fused_block, ConvBNBottleneck):
             relus.append((block, [None, None, name]))
-        elif isinstance(fused_block, FusedBottleneck):
+        elif isinstance(fused_block, BNActBottleneck):
             relus.append((block, [f"{name}.bn1", f"{name}.bn2", f"{name}.bn3"]))
             if block.downsample is not None:
                 norms[f"{name}.downsample.1"] = f"{name}.downsample.1"
@@ -134,7 +138,7 @@ def check_fused_step(fused: ResNeXt, plain: ResNeXt, x: Tensor, target: Tensor, 
     """One training step (forward, cross-entropy against `target`, backward, running
     statistics updated) of `fused` and of `plain`, which must hold the same state, in train
     mode under autocast to `dtype`; the plain model follows the fused run (module docstring).
-    Returns engine.ops.verify.compare's verdict over the loss, the logits, every recorded
+    Returns engine.ops.numerics.compare's verdict over the loss, the logits, every recorded
     activation, every gradient and every running statistic, each allowed
     MODEL_TOLERANCE_FACTOR times the op tolerance of `dtype`. Both models are left stepped."""
     relus, norms = _follow_plan(fused, plain)

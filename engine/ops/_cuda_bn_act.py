@@ -9,13 +9,13 @@ if load_extension() is None:
     raise ImportError("engine._C is not available")
 
 
-@torch.library.register_fake("engine::bn_act_fwd_cuda")
+@torch.library.register_fake("engine::bn_act_fwd")
 def _(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu):
     c = x.shape[1]
     return torch.empty_like(x), x.new_empty(c, dtype=torch.float32), x.new_empty(c, dtype=torch.float32)
 
 
-@torch.library.register_fake("engine::bn_act_bwd_cuda")
+@torch.library.register_fake("engine::bn_act_bwd")
 def _(grad_y, x, y, weight, mean, invstd, training, relu, write_masked_grad):
     c = x.shape[1]
     return (torch.empty_like(x), x.new_empty(c, dtype=torch.float32), x.new_empty(c, dtype=torch.float32),
@@ -23,9 +23,9 @@ def _(grad_y, x, y, weight, mean, invstd, training, relu, write_masked_grad):
 
 
 def forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu):
-    return torch.ops.engine.bn_act_fwd_cuda(x, weight, bias, residual, running_mean, running_var,
+    return torch.ops.engine.bn_act_fwd(x, weight, bias, residual, running_mean, running_var,
                                             training, momentum, eps, relu)
 
 
 def backward(grad_y, x, y, weight, mean, invstd, training, relu, write_masked_grad):
-    return torch.ops.engine.bn_act_bwd_cuda(grad_y, x, y, weight, mean, invstd, training, relu, write_masked_grad)
+    return torch.ops.engine.bn_act_bwd(grad_y, x, y, weight, mean, invstd, training, relu, write_masked_grad)

@@ -5,7 +5,8 @@ bn2's statistics from its epilogue) as one op."""
 
 import torch
 
-from engine.kernels.conv_bn import _finalize, _nhwc_empty, _strided_size
+from engine.kernels.bn_stats import finalize
+from engine.kernels.common import nhwc_empty, strided_size
 from engine.ops.backends import load_extension
 
 if load_extension() is None:
@@ -18,39 +19,39 @@ def rows_per_part(device: torch.device) -> int:
     return 512 if device.type == "cuda" else 5
 
 
-@torch.library.register_fake("engine::grouped_conv3x3_fwd_cuda")
+@torch.library.register_fake("engine::grouped_conv3x3_fwd")
 def _(x, weight, in_scale, in_shift, stride, stats, rows):
     n, c, h, w = x.shape
-    ho, wo = _strided_size(h, stride), _strided_size(w, stride)
+    ho, wo = strided_size(h, stride), strided_size(w, stride)
     part = (x.new_empty(2, -(-n * ho * wo // rows), c, dtype=torch.float32) if stats
             else x.new_empty(0, dtype=torch.float32))
-    return _nhwc_empty(n, c, ho, wo, x), part
+    return nhwc_empty(n, c, ho, wo, x), part
 
 
-@torch.library.register_fake("engine::grouped_conv3x3_dgrad_cuda")
+@torch.library.register_fake("engine::grouped_conv3x3_dgrad")
 def _(grad_y, weight, input_hw, stride):
-    return _nhwc_empty(grad_y.shape[0], grad_y.shape[1], input_hw[0], input_hw[1], grad_y)
+    return nhwc_empty(grad_y.shape[0], grad_y.shape[1], input_hw[0], input_hw[1], grad_y)
 
 
-@torch.library.register_fake("engine::grouped_conv3x3_wgrad_cuda")
+@torch.library.register_fake("engine::grouped_conv3x3_wgrad")
 def _(grad_y, x, in_scale, in_shift, width, stride):
     return x.new_empty(x.shape[1], width, 3, 3, dtype=torch.float32)
 
 
 def forward(x, weight, in_scale, in_shift, stride, stats):
-    """(y, part, rows per part): part as kernels.conv_bn's statistics partials, or empty."""
+    """(y, part, rows per part): part as kernels.bn_stats' statistics partials, or empty."""
     rows = rows_per_part(x.device)
-    y, part = torch.ops.engine.grouped_conv3x3_fwd_cuda(x, weight, in_scale, in_shift, stride, stats, rows)
+    y, part = torch.ops.engine.grouped_conv3x3_fwd(x, weight, in_scale, in_shift, stride, stats, rows)
     return y, part, rows
 
 
 def dgrad(grad_y, weight, input_hw, stride):
-    return torch.ops.engine.grouped_conv3x3_dgrad_cuda(grad_y.contiguous(memory_format=torch.channels_last),
+    return torch.ops.engine.grouped_conv3x3_dgrad(grad_y.contiguous(memory_format=torch.channels_last),
                                                        weight, list(input_hw), stride)
 
 
 def wgrad(grad_y, x, in_scale, in_shift, stride, width):
-    return torch.ops.engine.grouped_conv3x3_wgrad_cuda(grad_y.contiguous(memory_format=torch.channels_last), x,
+    return torch.ops.engine.grouped_conv3x3_wgrad(grad_y.contiguous(memory_format=torch.channels_last), x,
                                                        in_scale, in_shift, width, stride)
 
 
@@ -64,11 +65,11 @@ def grouped_conv_bn_fwd_cuda(x: torch.Tensor, weight: torch.Tensor, in_scale: to
     kernels.conv_bn's conv_bn_fwd_triton returns them)."""
     a, part, rows = forward(x, weight, in_scale, in_shift, stride, True)
     m = a.shape[0] * a.shape[2] * a.shape[3]
-    return (a, *_finalize(part, rows, m, bn_weight, bn_bias, running_mean, running_var, momentum, eps))
+    return (a, *finalize(part, rows, m, bn_weight, bn_bias, running_mean, running_var, momentum, eps))
 
 
 @grouped_conv_bn_fwd_cuda.register_fake
 def _(x, weight, in_scale, in_shift, stride, bn_weight, bn_bias, running_mean, running_var, momentum, eps):
     n, c, h, w = x.shape
-    a = _nhwc_empty(n, c, _strided_size(h, stride), _strided_size(w, stride), x)
+    a = nhwc_empty(n, c, strided_size(h, stride), strided_size(w, stride), x)
     return (a, *(x.new_empty(c, dtype=torch.float32) for _ in range(4)))

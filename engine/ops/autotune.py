@@ -26,6 +26,8 @@ from typing import Callable, Optional
 
 import torch
 
+from engine.ops.numerics import compare, lowest_precision, tensors_in
+
 FORMAT = 2
 # False in a verification child: it reads the parent's choices and verdicts, never writes them.
 WRITABLE = True
@@ -201,7 +203,6 @@ class Autotuner:
 
 def _wrong_results(outputs: dict[str, object], times: dict) -> dict[str, str]:
     """Timed candidates whose last result differs from the reference candidate's."""
-    from engine.ops.verify import compare, lowest_precision, tensors_in
     want = list(tensors_in(outputs.get("reference")))
     if not want or times.get("reference") is None:
         return {}

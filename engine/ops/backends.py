@@ -111,3 +111,38 @@ def cuda_ext_accepts(*tensors: torch.Tensor, forced: bool) -> Optional[str]:
             return None
         return "CPU tensors: ATen's native kernels (reference) are faster than the C++ fallback loop"
     return f"needs CUDA or CPU tensors on one device, got {sorted(devices)}"
+
+
+# The dtypes every fused backend computes in (fp32 statistics and accumulation inside).
+FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def fast_dtype_rejection(x: torch.Tensor, *, tensor_core_dots: bool = False) -> Optional[str]:
+    """Why a fused backend cannot take x's dtype, or None. `tensor_core_dots`: the kernels
+    use tl.dot, which Triton's CPU interpreter gets wrong in bfloat16 (triton 3.8)."""
+    if x.dtype not in FAST_DTYPES:
+        return f"x dtype {x.dtype} is not one of float32, float16, bfloat16"
+    if tensor_core_dots and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return "bfloat16 tl.dot gives wrong results in Triton's CPU interpreter (triton 3.8)"
+    return None
+
+
+def check_image_batch(op: str, x) -> None:
+    """The input errors of every op over an image batch: x a 4-D floating-point tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
+
+
+def check_parameter(op: str, what: str, t: torch.Tensor, shape: tuple, x: torch.Tensor, why_shape: str = "") -> None:
+    """A parameter's errors: its shape (`why_shape` says what that shape follows from), a
+    floating dtype, and x's device."""
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {what} must have shape {list(shape)}{why_shape}, got {list(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {what} must be floating point, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{op}: {what} is on {t.device} but x is on {x.device}")

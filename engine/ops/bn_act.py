@@ -21,8 +21,6 @@ from torch import Tensor
 from engine.ops import backends
 from engine.ops.dispatch import define
 
-FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def memory_format_of(x: Tensor) -> Optional[torch.memory_format]:
     """The dense layout of a 4-D tensor the fused kernels can walk, else None."""
@@ -33,27 +31,16 @@ def memory_format_of(x: Tensor) -> Optional[torch.memory_format]:
     return None
 
 
-def check_inputs(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                 weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
-                 residual: Optional[Tensor]) -> None:
+def _check_inputs(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                  weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+                  momentum: float = 0.1, eps: float = 1e-5, residual: Optional[Tensor] = None,
+                  relu: bool = False) -> None:
     """Errors every backend shares, raised before any work."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"bn_act: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"bn_act: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"bn_act: x must be a floating-point tensor, got {x.dtype}")
+    backends.check_image_batch("bn_act", x)
     channels = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        if t is None:
-            continue
-        if t.dim() != 1 or t.shape[0] != channels:
-            raise ValueError(f"bn_act: {name} must have shape [{channels}] (x has {channels} channels), "
-                             f"got {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"bn_act: {name} must be floating point, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"bn_act: {name} is on {t.device} but x is on {x.device}")
+        if t is not None:
+            backends.check_parameter("bn_act", name, t, (channels,), x, f" (x has {channels} channels)")
     if (running_mean is None) != (running_var is None):
         raise ValueError("bn_act: pass both running_mean and running_var, or neither")
     if not training and running_mean is None:
@@ -68,11 +55,13 @@ def check_inputs(x: Tensor, running_mean: Optional[Tensor], running_var: Optiona
         raise ValueError(f"bn_act: training needs more than 1 value per channel, got x of shape {tuple(x.shape)}")
 
 
-def bn_act_reference(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                     weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
-                     momentum: float = 0.1, eps: float = 1e-5, residual: Optional[Tensor] = None,
-                     relu: bool = False) -> Tensor:
-    """The specification: torch's batch norm, add and ReLU, one after the other."""
+def _reference(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5, residual: Optional[Tensor] = None,
+               relu: bool = False) -> Tensor:
+    """Batch norm (+ residual) (+ ReLU): y = relu?(batch_norm(x) + residual?), arguments as
+    `torch.nn.functional.batch_norm` (see the module docstring); `backend=` forces one.
+    The reference: torch's batch norm, add and ReLU, one after the other."""
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
         y = y + residual
@@ -82,8 +71,9 @@ def bn_act_reference(x: Tensor, running_mean: Optional[Tensor], running_var: Opt
 def _fused_supports(accepts):
     def supports(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
                  residual=None, relu=False, *, forced):
-        if x.dtype not in FAST_DTYPES:
-            return f"x dtype {x.dtype} is not one of float32, float16, bfloat16"
+        why = backends.fast_dtype_rejection(x)
+        if why is not None:
+            return why
         if memory_format_of(x) is None:
             return f"x must be contiguous in NCHW or channels_last layout, got strides {x.stride()}"
         if residual is not None and memory_format_of(residual) is None:
@@ -146,24 +136,13 @@ def _cuda_kernels():
     return _cuda_bn_act
 
 
-bn_act_op = define("bn_act")
-bn_act_op.register("reference", bn_act_reference)
-bn_act_op.register("triton", lambda *a, **k: _fused(_triton_kernels())(*a, **k),
-                   available=backends.triton_status, scope=backends.triton_scope,
-                   supports=_fused_supports(backends.triton_accepts))
-bn_act_op.register("cuda", lambda *a, **k: _fused(_cuda_kernels())(*a, **k),
-                   available=backends.extension_status, scope=backends.cuda_ext_scope,
-                   supports=_fused_supports(backends.cuda_ext_accepts))
-
-
-def bn_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-           weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
-           momentum: float = 0.1, eps: float = 1e-5, residual: Optional[Tensor] = None, relu: bool = False,
-           *, backend: Optional[str] = None) -> Tensor:
-    """Batch norm (+ residual) (+ ReLU). See the module docstring; `backend` forces one."""
-    check_inputs(x, running_mean, running_var, weight, bias, training, residual)
-    return bn_act_op(x, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu,
-                     backend=backend)
+bn_act = define("bn_act", _reference, validate=_check_inputs)
+bn_act.register("triton", lambda *a, **k: _fused(_triton_kernels())(*a, **k),
+                available=backends.triton_status, scope=backends.triton_scope,
+                supports=_fused_supports(backends.triton_accepts))
+bn_act.register("cuda", lambda *a, **k: _fused(_cuda_kernels())(*a, **k),
+                available=backends.extension_status, scope=backends.cuda_ext_scope,
+                supports=_fused_supports(backends.cuda_ext_accepts))
 
 
 class BatchNormAct2d(torch.nn.BatchNorm2d):

@@ -56,7 +56,6 @@ from torch import Tensor
 from engine.ops import backends
 from engine.ops.dispatch import define
 
-FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NHWC = torch.channels_last
 
 
@@ -72,16 +71,12 @@ def _strided(size: int, stride: int) -> int:
     return (size - 1) // stride + 1
 
 
-def check_inputs(x: Tensor, w1: Tensor, bn1: BNParams, w2: Tensor, bn2: BNParams, w3: Tensor, bn3: BNParams,
-                 wd: Optional[Tensor], bnd: Optional[BNParams], stride: int, groups: int, training: bool) -> None:
+def _check_inputs(x: Tensor, w1: Tensor, bn1: BNParams, w2: Tensor, bn2: BNParams, w3: Tensor, bn3: BNParams,
+                  wd: Optional[Tensor] = None, bnd: Optional[BNParams] = None, *, stride: int = 1, groups: int = 1,
+                  training: bool = True, momentum: float = 0.1, eps: float = 1e-5) -> None:
     """Errors every backend shares, raised before any work."""
     name = "conv_bn_bottleneck"
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: x must be a floating-point tensor, got {x.dtype}")
+    backends.check_image_batch(name, x)
     if x.shape[0] == 0:
         raise ValueError(f"{name}: x has an empty batch, shape {tuple(x.shape)}")
     if stride < 1 or groups < 1:
@@ -93,13 +88,8 @@ def check_inputs(x: Tensor, w1: Tensor, bn1: BNParams, w2: Tensor, bn2: BNParams
     if wd is not None:
         expected.append(("downsample", wd, (c_out, cin, 1, 1)))
     for conv, w, shape in expected:
-        if tuple(w.shape) != shape:
-            raise ValueError(f"{name}: {conv} weight must have shape {list(shape)} (x has {cin} channels, width "
-                             f"{width}, groups {groups}, {c_out} output channels), got {list(w.shape)}")
-        if not w.is_floating_point():
-            raise TypeError(f"{name}: {conv} weight must be floating point, got {w.dtype}")
-        if w.device != x.device:
-            raise ValueError(f"{name}: {conv} weight is on {w.device} but x is on {x.device}")
+        backends.check_parameter(name, f"{conv} weight", w, shape, x,
+                                 f" (x has {cin} channels, width {width}, groups {groups}, {c_out} output channels)")
     if width % groups:
         raise ValueError(f"{name}: width {width} is not divisible by groups {groups}")
     if (wd is None) != (bnd is None):
@@ -111,14 +101,8 @@ def check_inputs(x: Tensor, w1: Tensor, bn1: BNParams, w2: Tensor, bn2: BNParams
                                                                           if bnd is not None else [])
     for bn_name, bn, channels in bns:
         for field, t in zip(BNParams._fields, bn):
-            if t is None:
-                continue
-            if t.dim() != 1 or t.shape[0] != channels:
-                raise ValueError(f"{name}: {bn_name} {field} must have shape [{channels}], got {list(t.shape)}")
-            if not t.is_floating_point():
-                raise TypeError(f"{name}: {bn_name} {field} must be floating point, got {t.dtype}")
-            if t.device != x.device:
-                raise ValueError(f"{name}: {bn_name} {field} is on {t.device} but x is on {x.device}")
+            if t is not None:
+                backends.check_parameter(name, f"{bn_name} {field}", t, (channels,), x)
         if (bn.running_mean is None) != (bn.running_var is None):
             raise ValueError(f"{name}: {bn_name}: pass both running_mean and running_var, or neither")
         if not training and bn.running_mean is None:
@@ -130,12 +114,16 @@ def check_inputs(x: Tensor, w1: Tensor, bn1: BNParams, w2: Tensor, bn2: BNParams
                              f"got x of shape {tuple(x.shape)} with stride {stride}")
 
 
-def conv_bn_bottleneck_reference(x: Tensor, w1: Tensor, bn1: BNParams, w2: Tensor, bn2: BNParams, w3: Tensor,
-                                 bn3: BNParams, wd: Optional[Tensor] = None, bnd: Optional[BNParams] = None, *,
-                                 stride: int = 1, groups: int = 1, training: bool = True, momentum: float = 0.1,
-                                 eps: float = 1e-5) -> Tensor:
-    """The specification: torchvision's Bottleneck, one op after the other (convolutions in
-    x's dtype, as under autocast)."""
+def _reference(x: Tensor, w1: Tensor, bn1: BNParams, w2: Tensor, bn2: BNParams, w3: Tensor, bn3: BNParams,
+               wd: Optional[Tensor] = None, bnd: Optional[BNParams] = None, *, stride: int = 1, groups: int = 1,
+               training: bool = True, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """One bottleneck block (see the module docstring). x [N, Cin, H, W]; w1 [width, Cin, 1, 1],
+    w2 [width, width/groups, 3, 3] (stride and groups apply to it), w3 [Cout, width, 1, 1],
+    wd [Cout, Cin, 1, 1] (stride) with bnd for a downsampling shortcut; each bn* a BNParams.
+    Training uses batch statistics and updates the running statistics in place (unbiased
+    variance, like torch). `backend=` forces one.
+    The reference: torchvision's Bottleneck, one op after the other (convolutions in x's
+    dtype, as under autocast)."""
     def conv_bn(t, weight, bn, conv_stride=1, padding=0, conv_groups=1):
         a = F.conv2d(t, weight.to(t.dtype), None, conv_stride, padding, 1, conv_groups)
         return F.batch_norm(a, bn.running_mean, bn.running_var, bn.weight, bn.bias, training, momentum, eps)
@@ -149,6 +137,11 @@ def conv_bn_bottleneck_reference(x: Tensor, w1: Tensor, bn1: BNParams, w2: Tenso
 def _kernels():
     from engine.kernels import conv_bn as triton_conv_bn
     return triton_conv_bn
+
+
+def _bn_kernels():
+    from engine.kernels import bn_stats
+    return bn_stats
 
 
 def _grouped_ops():
@@ -170,10 +163,9 @@ def _grouped_3x3_choice(x: Tensor, width: int, c_out3x3: int, stride: int, group
 
 def _triton_supports(x, w1, bn1, w2, bn2, w3, bn3, wd=None, bnd=None, *, stride=1, groups=1, training=True,
                      momentum=0.1, eps=1e-5, forced):
-    if x.dtype not in FAST_DTYPES:
-        return f"x dtype {x.dtype} is not one of float32, float16, bfloat16"
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        return "bfloat16 tl.dot gives wrong results in Triton's CPU interpreter (triton 3.8)"
+    why = backends.fast_dtype_rejection(x, tensor_core_dots=True)
+    if why is not None:
+        return why
     if not x.is_contiguous(memory_format=NHWC):
         layout = "NCHW (contiguous)" if x.is_contiguous() else "non-contiguous"
         return (f"x must be channels_last (NHWC): the 1x1 convolutions are GEMMs over [N*H*W, C] rows; "
@@ -197,7 +189,7 @@ class _TrainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, w2, w3, wd, g1, b1, g2, b2, g3, b3, gd, bd, rm1, rv1, rm2, rv2, rm3, rv3, rmd, rvd,
                 stride, groups, momentum, eps, choice3):
-        k = _kernels()
+        k, bn = _kernels(), _bn_kernels()
         dtype = x.dtype
         cin, width, c_out = x.shape[1], w1.shape[0], w3.shape[0]
         # Weights in x's dtype, as autocast would hand them to cuDNN.
@@ -207,9 +199,9 @@ class _TrainFunction(torch.autograd.Function):
         a1, mean1, invstd1, s1, t1 = k.conv_bn_fwd_triton(x, w1c, None, None, None, None, 1, False,
                                                           g1, b1, rm1, rv1, momentum, eps)
         if choice3 == "reference":
-            h1 = k.conv_bn_apply_triton(a1, s1, t1, None, None, None, True)
+            h1 = bn.conv_bn_apply_triton(a1, s1, t1, None, None, None, True)
             a2 = F.conv2d(h1, w2c, None, stride, 1, 1, groups).contiguous(memory_format=NHWC)
-            mean2, invstd2, s2, t2 = k.conv_bn_stats_triton(a2, g2, b2, rm2, rv2, momentum, eps)
+            mean2, invstd2, s2, t2 = bn.conv_bn_stats_triton(a2, g2, b2, rm2, rv2, momentum, eps)
         else:
             # bn1 + ReLU applied on the 3x3's load and bn2's statistics in its epilogue: h1 never exists.
             h1 = None
@@ -219,12 +211,12 @@ class _TrainFunction(torch.autograd.Function):
                                                           g3, b3, rm3, rv3, momentum, eps)
         if wd is None:
             wdc = ad = meand = invstdd = sd = td = None
-            out = k.conv_bn_apply_triton(a3, s3, t3, x, None, None, True)
+            out = bn.conv_bn_apply_triton(a3, s3, t3, x, None, None, True)
         else:
             wdc = wd.to(dtype).reshape(c_out, cin)
             ad, meand, invstdd, sd, td = k.conv_bn_fwd_triton(x, wdc, None, None, None, None, stride, False,
                                                               gd, bd, rmd, rvd, momentum, eps)
-            out = k.conv_bn_apply_triton(a3, s3, t3, ad, sd, td, True)
+            out = bn.conv_bn_apply_triton(a3, s3, t3, ad, sd, td, True)
         ctx.save_for_backward(x, a1, h1, a2, a3, ad, w1c, w2c, w3c, wdc, g1, g2, g3, gd,
                               mean1, invstd1, s1, t1, mean2, invstd2, s2, t2, mean3, invstd3, s3, t3,
                               meand, invstdd, sd, td)
@@ -238,20 +230,20 @@ class _TrainFunction(torch.autograd.Function):
         (x, a1, h1, a2, a3, ad, w1c, w2c, w3c, wdc, g1, g2, g3, gd, mean1, invstd1, s1, t1, mean2, invstd2, s2, t2,
          mean3, invstd3, s3, t3, meand, invstdd, sd, td) = ctx.saved_tensors
         stride, groups, choice3, param_specs = ctx.config
-        k = _kernels()
+        k, bn = _kernels(), _bn_kernels()
         n, _, h, w = x.shape
         m_in = n * h * w
         m_out = n * a3.shape[2] * a3.shape[3]
         g = grad_out.contiguous(memory_format=NHWC)
         has_ds = ad is not None
-        gm, sums3 = k.conv_bn_bwd_reduce_triton(g, a3, s3, t3, mean3, ad if has_ds else x, sd, td, meand, True)
-        dg3, db3, kg3, kx3, k03 = k.conv_bn_bwd_coeff_triton(sums3[0], sums3[1], mean3, invstd3, g3, m_out)
+        gm, sums3 = bn.conv_bn_bwd_reduce_triton(g, a3, s3, t3, mean3, ad if has_ds else x, sd, td, meand, True)
+        dg3, db3, kg3, kx3, k03 = bn.conv_bn_bwd_coeff_triton(sums3[0], sums3[1], mean3, invstd3, g3, m_out)
         dh2, sums2 = k.conv_bn_dgrad_triton(gm, a3, kg3, kx3, k03, None, None, w3c, a2, s2, t2, mean2, None, 1)
         dw3 = k.conv_bn_wgrad_triton(gm, a3, kg3, kx3, k03, None, None, a2, s2, t2, 1)
-        dg2, db2, kg2, kx2, k02 = k.conv_bn_bwd_coeff_triton(sums2[0], sums2[1], mean2, invstd2, g2, m_out)
+        dg2, db2, kg2, kx2, k02 = bn.conv_bn_bwd_coeff_triton(sums2[0], sums2[1], mean2, invstd2, g2, m_out)
         # The 3x3's output gradient: bn2's backward, a pass of its own that cuDNN's opaque call forces
         # (the fused 3x3 could take it in its dgrad and wgrad prologues instead; not done yet).
-        da2 = k.conv_bn_apply_triton(a2, kx2, k02, dh2, kg2, torch.zeros_like(k02), False)
+        da2 = bn.conv_bn_apply_triton(a2, kx2, k02, dh2, kg2, torch.zeros_like(k02), False)
         if h1 is not None:
             dh1, dw2, _ = torch.ops.aten.convolution_backward(da2, h1, w2c, None, [stride, stride], [1, 1], [1, 1],
                                                               False, [0, 0], groups, [True, True, False])
@@ -261,11 +253,11 @@ class _TrainFunction(torch.autograd.Function):
             dh1 = gc.conv_dgrad(choice3, da2, w2c, [h, w], stride, groups)
             # h1 recomputed from a1 on load, as in the forward.
             dw2 = gc.conv_wgrad(choice3, da2, a1, s1, t1, w2c.shape[0], stride, groups)
-        _, sums1 = k.conv_bn_bwd_reduce_triton(dh1, a1, s1, t1, mean1, None, None, None, None, False)
-        dg1, db1, kg1, kx1, k01 = k.conv_bn_bwd_coeff_triton(sums1[0], sums1[1], mean1, invstd1, g1, m_in)
+        _, sums1 = bn.conv_bn_bwd_reduce_triton(dh1, a1, s1, t1, mean1, None, None, None, None, False)
+        dg1, db1, kg1, kx1, k01 = bn.conv_bn_bwd_coeff_triton(sums1[0], sums1[1], mean1, invstd1, g1, m_in)
         dwd = dgd = dbd = None
         if has_ds:
-            dgd, dbd, kgd, kxd, k0d = k.conv_bn_bwd_coeff_triton(sums3[0], sums3[2], meand, invstdd, gd, m_out)
+            dgd, dbd, kgd, kxd, k0d = bn.conv_bn_bwd_coeff_triton(sums3[0], sums3[2], meand, invstdd, gd, m_out)
             dwd = k.conv_bn_wgrad_triton(gm, ad, kgd, kxd, k0d, None, None, x, None, None, stride)
         dx = None
         if ctx.needs_input_grad[0]:
@@ -308,7 +300,7 @@ def _folded_forward(x, w1, bn1, w2, bn2, w3, bn3, wd, bnd, stride, groups, eps):
                                 None, None, None, None, 0.0, eps)[0]
 
 
-def conv_bn_bottleneck_triton(x, w1, bn1, w2, bn2, w3, bn3, wd=None, bnd=None, *, stride=1, groups=1,
+def _triton(x, w1, bn1, w2, bn2, w3, bn3, wd=None, bnd=None, *, stride=1, groups=1,
                               training=True, momentum=0.1, eps=1e-5):
     width, c_out = w1.shape[0], w3.shape[0]
     bn1, bn2, bn3 = _affine(bn1, width, x), _affine(bn2, width, x), _affine(bn3, c_out, x)
@@ -322,21 +314,6 @@ def conv_bn_bottleneck_triton(x, w1, bn1, w2, bn2, w3, bn3, wd=None, bnd=None, *
                                 _grouped_3x3_choice(x, w1.shape[0], w2.shape[0], stride, groups))
 
 
-conv_bn_bottleneck_op = define("conv_bn_bottleneck")
-conv_bn_bottleneck_op.register("reference", conv_bn_bottleneck_reference)
-conv_bn_bottleneck_op.register("triton", conv_bn_bottleneck_triton, available=backends.triton_status,
-                               scope=backends.triton_scope, supports=_triton_supports)
-
-
-def conv_bn_bottleneck(x: Tensor, w1: Tensor, bn1: BNParams, w2: Tensor, bn2: BNParams, w3: Tensor, bn3: BNParams,
-                       wd: Optional[Tensor] = None, bnd: Optional[BNParams] = None, *, stride: int = 1,
-                       groups: int = 1, training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
-                       backend: Optional[str] = None) -> Tensor:
-    """One bottleneck block (see the module docstring). x [N, Cin, H, W]; w1 [width, Cin, 1, 1],
-    w2 [width, width/groups, 3, 3] (stride and groups apply to it), w3 [Cout, width, 1, 1],
-    wd [Cout, Cin, 1, 1] (stride) with bnd for a downsampling shortcut; each bn* a BNParams.
-    Training uses batch statistics and updates the running statistics in place (unbiased
-    variance, like torch). `backend` forces one."""
-    check_inputs(x, w1, bn1, w2, bn2, w3, bn3, wd, bnd, stride, groups, training)
-    return conv_bn_bottleneck_op(x, w1, bn1, w2, bn2, w3, bn3, wd, bnd, stride=stride, groups=groups,
-                                 training=training, momentum=momentum, eps=eps, backend=backend)
+conv_bn_bottleneck = define("conv_bn_bottleneck", _reference, validate=_check_inputs)
+conv_bn_bottleneck.register("triton", _triton, available=backends.triton_status,
+                            scope=backends.triton_scope, supports=_triton_supports)

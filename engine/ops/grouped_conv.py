@@ -35,12 +35,11 @@ from engine.ops import backends, verify
 from engine.ops.autotune import default_tuner
 from engine.ops.dispatch import define
 
-FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NHWC = torch.channels_last
 
 
-def check_inputs(x: Tensor, weight: Tensor, stride: int, groups: int, in_scale: Optional[Tensor],
-                 in_shift: Optional[Tensor], stats: bool) -> None:
+def _check_inputs(x: Tensor, weight: Tensor, *, stride: int = 1, groups: int = 1, in_scale: Optional[Tensor] = None,
+                  in_shift: Optional[Tensor] = None, stats: bool = False) -> None:
     """Errors every backend shares, raised before any work."""
     name = "grouped_conv3x3"
     if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
@@ -76,11 +75,14 @@ def _prologue(x: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor])
     return F.relu(x.float() * in_scale.view(1, -1, 1, 1) + in_shift.view(1, -1, 1, 1)).to(x.dtype)
 
 
-def grouped_conv3x3_reference(x: Tensor, weight: Tensor, *, stride: int = 1, groups: int = 1,
-                              in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None,
-                              stats: bool = False):
-    """The specification: the prologue, F.conv2d (weight cast to x's dtype, as under
-    autocast), and the statistics of y as stored."""
+def _reference(x: Tensor, weight: Tensor, *, stride: int = 1, groups: int = 1, in_scale: Optional[Tensor] = None,
+               in_shift: Optional[Tensor] = None, stats: bool = False):
+    """y = conv2d(relu(x * in_scale + in_shift) or x, weight, stride, padding=1, groups) for
+    x [N, Cin, H, W] (channels_last for the fused backends), weight [Cout, Cin/groups, 3, 3],
+    in_scale and in_shift fp32 [Cin]. With stats, returns (y, mean, var): y's per-channel
+    mean and biased variance in fp32, differentiable. `backend=` forces one.
+    The reference: the prologue, F.conv2d (weight cast to x's dtype, as under autocast),
+    and the statistics of y as stored."""
     y = F.conv2d(_prologue(x, in_scale, in_shift), weight.to(x.dtype), None, stride, 1, 1, groups)
     if not stats:
         return y
@@ -194,17 +196,27 @@ class _Function(torch.autograd.Function):
 
 
 def _fused(name: str):
-    """The triton or cuda backend: on CUDA tensors the autotuned choice (the supports
-    check let this backend run only when the tuner chose it), else the plain kernel."""
+    """The triton or cuda backend: on CUDA tensors as the tuner chose it (the Triton kernel
+    at its tile span), else as named (forced, or a CPU test)."""
     def run(x, weight, *, stride=1, groups=1, in_scale=None, in_shift=None, stats=False):
-        choice = name
-        if x.is_cuda:
-            choice = tuned_choice(x.shape, x.dtype, x.device, weight.shape[0], stride, groups, in_scale is not None,
-                                  stats, _wants_grad(x, weight, in_scale))
-            if not choice.startswith(name):
-                choice = name
-        return _Function.apply(x, weight, in_scale, in_shift, int(stride), int(groups), bool(stats), choice)
+        choice = _tune(x, weight, stride=stride, groups=groups, in_scale=in_scale, stats=stats)
+        if choice is None or choice.split(":")[0] != name:
+            choice = name
+        return _run_variant(choice, x, weight, stride=stride, groups=groups, in_scale=in_scale, in_shift=in_shift,
+                            stats=stats)
     return run
+
+
+def _run_variant(choice, x, weight, *, stride=1, groups=1, in_scale=None, in_shift=None, stats=False):
+    return _Function.apply(x, weight, in_scale, in_shift, int(stride), int(groups), bool(stats), choice)
+
+
+def _tune(x, weight, *, stride=1, groups=1, in_scale=None, in_shift=None, stats=False) -> Optional[str]:
+    """The tuned choice for a CUDA call; None on other devices, where nothing is timed."""
+    if not x.is_cuda:
+        return None
+    return tuned_choice(x.shape, x.dtype, x.device, weight.shape[0], stride, groups, in_scale is not None, stats,
+                        _wants_grad(x, weight, in_scale))
 
 
 def _wants_grad(*tensors) -> bool:
@@ -232,9 +244,22 @@ def tuned_choice(shape, dtype: torch.dtype, device: torch.device, c_out: int, st
         # candidate whose result differs from cuDNN's is dropped.
         _CHOICES[key] = default_tuner().choose(
             tuner_key, _candidates(tuple(shape), c_out, stride, groups, dtype, device, prologue, stats, train),
-            verify=verify.grouped_conv_checker(tuple(shape), dtype, device, c_out, stride, groups, prologue, stats,
-                                               train))
+            verify=candidates_checker(tuple(shape), dtype, device, c_out, stride, groups, prologue, stats, train))
     return _CHOICES[key]
+
+
+def candidates_checker(shape, dtype: torch.dtype, device: torch.device, c_out: int, stride: int, groups: int,
+                       prologue: bool, stats: bool, train: bool):
+    """verify.candidates_checker for the tuner, from the arguments of tuned_choice: the
+    timing inputs' shapes, dtypes and layouts (the values are the check's)."""
+    n, c, h, w = shape
+    x = torch.empty(shape, dtype=dtype, device=device).contiguous(memory_format=NHWC)
+    weight = torch.empty(c_out, c // groups, 3, 3, device=device)
+    scale = torch.empty(c, device=device).requires_grad_(train) if prologue else None
+    shift = torch.empty(c, device=device).requires_grad_(train) if prologue else None
+    return verify.candidates_checker("grouped_conv3x3", (x.requires_grad_(train), weight.requires_grad_(train)),
+                                     {"stride": stride, "groups": groups, "in_scale": scale, "in_shift": shift,
+                                      "stats": stats})
 
 
 def span_of(choice: str) -> Optional[int]:
@@ -282,8 +307,8 @@ def _candidates(shape, c_out, stride, groups, dtype, device, prologue, stats, tr
             return out
         return call
 
-    out = {"reference": runner(lambda: grouped_conv3x3_reference(x, weight, stride=stride, groups=groups,
-                                                                 in_scale=scale, in_shift=shift, stats=stats))}
+    out = {"reference": runner(lambda: _reference(x, weight, stride=stride, groups=groups, in_scale=scale,
+                                                  in_shift=shift, stats=stats))}
     for span in tilings.values():
         choice = f"triton:{span}"
         out[choice] = runner(lambda choice=choice: _Function.apply(x, weight, scale, shift, stride, groups, stats,
@@ -294,54 +319,30 @@ def _candidates(shape, c_out, stride, groups, dtype, device, prologue, stats, tr
 
 
 def _triton_supports(x, weight, *, stride=1, groups=1, in_scale=None, in_shift=None, stats=False, forced):
-    if x.dtype not in FAST_DTYPES:
-        return f"x dtype {x.dtype} is not one of float32, float16, bfloat16"
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        return "bfloat16 tl.dot gives wrong results in Triton's CPU interpreter (triton 3.8)"
+    why = backends.fast_dtype_rejection(x, tensor_core_dots=True)
+    if why is not None:
+        return why
     if not x.is_contiguous(memory_format=NHWC):
         return f"x must be channels_last (NHWC), got strides {x.stride()}"
-    reason = backends.triton_accepts(x, weight, in_scale, in_shift, forced=forced)
-    if reason is not None or forced or not x.is_cuda:
-        return reason
-    return _tuned_elsewhere("triton", x, weight, stride, groups, in_scale, stats)
-
-
-def _tuned_elsewhere(name, x, weight, stride, groups, in_scale, stats) -> Optional[str]:
-    choice = tuned_choice(x.shape, x.dtype, x.device, weight.shape[0], stride, groups, in_scale is not None,
-                          stats, _wants_grad(x, weight, in_scale))
-    if choice.startswith(name):
-        return None
-    return f"autotuned: {'cuDNN (the reference)' if choice == 'reference' else choice} is faster for this shape"
+    return backends.triton_accepts(x, weight, in_scale, in_shift, forced=forced)
 
 
 def _cuda_supports(x, weight, *, stride=1, groups=1, in_scale=None, in_shift=None, stats=False, forced):
-    if x.dtype not in FAST_DTYPES:
-        return f"x dtype {x.dtype} is not one of float32, float16, bfloat16"
+    why = backends.fast_dtype_rejection(x)
+    if why is not None:
+        return why
     if not x.is_contiguous(memory_format=NHWC):
         return f"x must be channels_last (NHWC), got strides {x.stride()}"
     reason = cuda_kernel_accepts(x.shape[1], weight.shape[0], groups)
     if reason is None:
         reason = backends.cuda_ext_accepts(x, weight, in_scale, in_shift, forced=forced)
-    if reason is not None or forced or not x.is_cuda:
-        return reason
-    return _tuned_elsewhere("cuda", x, weight, stride, groups, in_scale, stats)
+    return reason
 
 
-grouped_conv3x3_op = define("grouped_conv3x3", preference=("cuda", "triton", "reference"))
-grouped_conv3x3_op.register("reference", grouped_conv3x3_reference)
-grouped_conv3x3_op.register("triton", _fused("triton"), available=backends.triton_status,
-                            scope=backends.triton_scope, supports=_triton_supports)
-grouped_conv3x3_op.register("cuda", _fused("cuda"), available=backends.extension_status,
-                            scope=backends.cuda_ext_scope, supports=_cuda_supports)
-
-
-def grouped_conv3x3(x: Tensor, weight: Tensor, *, stride: int = 1, groups: int = 1,
-                    in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None, stats: bool = False,
-                    backend: Optional[str] = None):
-    """y = conv2d(relu(x * in_scale + in_shift) or x, weight, stride, padding=1, groups) for
-    x [N, Cin, H, W] (channels_last for the triton backend), weight [Cout, Cin/groups, 3, 3],
-    in_scale and in_shift fp32 [Cin]. With stats, returns (y, mean, var): y's per-channel
-    mean and biased variance in fp32, differentiable. `backend` forces one."""
-    check_inputs(x, weight, stride, groups, in_scale, in_shift, stats)
-    return grouped_conv3x3_op(x, weight, stride=stride, groups=groups, in_scale=in_scale, in_shift=in_shift,
-                              stats=stats, backend=backend)
+grouped_conv3x3 = define("grouped_conv3x3", _reference, validate=_check_inputs)
+grouped_conv3x3.register("triton", _fused("triton"), available=backends.triton_status, scope=backends.triton_scope,
+                         supports=_triton_supports)
+grouped_conv3x3.register("cuda", _fused("cuda"), available=backends.extension_status, scope=backends.cuda_ext_scope,
+                         supports=_cuda_supports)
+grouped_conv3x3.tune = _tune
+grouped_conv3x3.run_variant = _run_variant

@@ -38,8 +38,6 @@ from torch import Tensor
 
 from engine.ops import backends
 from engine.ops.dispatch import define
-
-FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _TAG_DTYPES = (torch.int32, torch.int64)
 REDUCTIONS = ("mean", "none")
@@ -381,9 +379,9 @@ def _slice_tags(tags, layout: Layout, vocab_rows: int) -> Tensor:
     return torch.where(inside, tags - start, -1).contiguous()
 
 
-def hashtag_ce_reference(x: Tensor, weight: Tensor, tags: Tensor, tag_weights: Tensor, bias: Optional[Tensor] = None,
-                         *, label_smoothing: float = 0.0, z_loss: float = 0.0, reduction: str = "mean",
-                         process_group=None, layout: Optional[Layout] = None) -> tuple[Tensor, Tensor]:
+def _reference(x: Tensor, weight: Tensor, tags: Tensor, tag_weights: Tensor, bias: Optional[Tensor] = None, *,
+               label_smoothing: float = 0.0, z_loss: float = 0.0, reduction: str = "mean", process_group=None,
+               layout: Optional[Layout] = None) -> tuple[Tensor, Tensor]:
     """The specification: the dense target distribution and F.cross_entropy with probability
     targets, on fp32 logits (fp64 for fp64 inputs). `tag_weights` are target_weights(...)'s.
     Returns (loss, lse).
@@ -408,7 +406,7 @@ def _triton_kernels():
     return triton_hashtag_ce
 
 
-def hashtag_ce_triton(x, weight, tags, tag_weights, bias=None, *, label_smoothing=0.0, z_loss=0.0, reduction="mean",
+def _triton(x, weight, tags, tag_weights, bias=None, *, label_smoothing=0.0, z_loss=0.0, reduction="mean",
                       process_group=None, layout=None) -> tuple[Tensor, Tensor]:
     """The fused kernels; the same autograd function with or without a process group."""
     return _HashtagCEFunction.apply(x, weight, bias, tags, tag_weights, label_smoothing, z_loss, reduction == "mean",
@@ -416,17 +414,17 @@ def hashtag_ce_triton(x, weight, tags, tag_weights, bias=None, *, label_smoothin
 
 
 def _triton_supports(x, weight, tags, tag_weights, bias=None, *, forced, **options):
-    if x.dtype not in FAST_DTYPES:
-        return f"x dtype {x.dtype} is not one of float32, float16, bfloat16"
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        return "bfloat16 tl.dot gives wrong results in Triton's CPU interpreter (triton 3.8)"
+    why = backends.fast_dtype_rejection(x, tensor_core_dots=True)
+    if why is not None:
+        return why
     return backends.triton_accepts(x, weight, tags, tag_weights, bias, forced=forced)
 
 
-hashtag_ce_op = define("hashtag_ce")
-hashtag_ce_op.register("reference", hashtag_ce_reference)
-hashtag_ce_op.register("triton", hashtag_ce_triton, available=backends.triton_status, scope=backends.triton_scope,
-                       supports=_triton_supports)
+# The op behind hashtag_ce (after validation and the soft targets' weights), as the
+# dispatcher and the checks see it.
+_op = define("hashtag_ce", _reference)
+_op.register("triton", _triton, available=backends.triton_status, scope=backends.triton_scope,
+             supports=_triton_supports)
 
 
 def hashtag_ce(x: Tensor, weight: Tensor, tags: Tensor, tag_weights: Optional[Tensor] = None,
@@ -452,7 +450,7 @@ def hashtag_ce(x: Tensor, weight: Tensor, tags: Tensor, tag_weights: Optional[Te
                           reduction=reduction, process_group=process_group)
     else:
         _check_local(x, weight, tags, tag_weights, bias, label_smoothing, z_loss, reduction, 0, values=False)
-    loss, lse = hashtag_ce_op(x, weight, tags, target_weights(tags, tag_weights), bias,
+    loss, lse = _op(x, weight, tags, target_weights(tags, tag_weights), bias,
                               label_smoothing=float(label_smoothing), z_loss=float(z_loss), reduction=reduction,
                               process_group=process_group, layout=layout, backend=backend)
     return (loss, lse) if return_lse else loss

@@ -22,32 +22,31 @@ which is why the training loop warms up eagerly first (engine.models.autotune_fu
 On CUDA tensors the gate is always on. ENGINE_VERIFY=1 turns it on for CPU tensors too
 and lets the fused backends take CPU tensors without being forced (Triton's interpreter,
 the extension's C++ loop): the device path, for testing on a machine without a GPU.
+
+This module is the parent's side: keys, the verdict store, the gate and the child
+processes. What runs inside a child is engine.ops.check_child; the comparison itself is
+engine.ops.numerics.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 import os
 import pickle
 import signal
 import subprocess
 import sys
 import time
-import traceback
 import warnings
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from engine.ops.backends import verify_on_cpu
+from engine.ops.numerics import tensors_in
 
-# Largest error allowed, relative to the reference tensor's largest magnitude, by the
-# lowest-precision floating dtype among the inputs. fp32 allows for TF32 tensor cores.
-TOLERANCE = {torch.float64: 1e-6, torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 FAILED = ("mismatch", "error", "crash")
 # Seconds one check may take before its child is killed and the check called a crash (a hang).
 TIMEOUT_S = float(os.environ.get("ENGINE_VERIFY_TIMEOUT", "600"))
@@ -55,23 +54,16 @@ TIMEOUT_S = float(os.environ.get("ENGINE_VERIFY_TIMEOUT", "600"))
 # "module:function" callables every child runs before its checks: registrations the checks
 # need that importing engine.ops does not make (test doubles).
 CHILD_SETUP: list[str] = []
-# Per op, how a child runs an autotuner's variant of a backend: fn(variant, *args, **kwargs).
-VARIANT_RUNNERS: dict[str, Callable[..., Any]] = {}
 
 _IN_CHILD = False
 _MEMORY: dict[str, dict] = {}
 _WARNED: set[str] = set()
 
 
-def tensors_in(value):
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from tensors_in(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from tensors_in(item)
+def mark_child() -> None:
+    """In a check's child process: calls there are the checks themselves, never gated."""
+    global _IN_CHILD
+    _IN_CHILD = True
 
 
 def required(args, kwargs) -> bool:
@@ -237,9 +229,10 @@ untuned_under_compile._dynamo_marked_constant = True
 
 
 def candidates_checker(op_name: str, args, kwargs) -> Callable[[list[str]], dict[str, Optional[str]]]:
-    """For an autotuner: checks its candidates (variants such as "triton:64", run by
-    VARIANT_RUNNERS[op_name]; "reference" is never checked) on these inputs, all in one
-    child, and returns {name: None if passed else why not}. Verdicts are cached by key."""
+    """For an autotuner: checks its candidates (backends and variants such as "triton:64",
+    run in the child by the op's `run_variant`; "reference" is never checked) on these
+    inputs, all in one child, and returns {name: None if passed else why not}. Verdicts
+    are cached by key."""
     def run(names: list[str]) -> dict[str, Optional[str]]:
         out: dict[str, Optional[str]] = {}
         todo: list[tuple[str, str]] = []
@@ -259,20 +252,6 @@ def candidates_checker(op_name: str, args, kwargs) -> Callable[[list[str]], dict
             out[name] = reason(verdict)
         return out
     return run
-
-
-def grouped_conv_checker(shape, dtype: torch.dtype, device: torch.device, c_out: int, stride: int, groups: int,
-                         prologue: bool, stats: bool, train: bool) -> Callable[[list[str]], dict[str, Optional[str]]]:
-    """candidates_checker for engine.ops.grouped_conv's autotuner, from the arguments of its
-    tuned_choice: the timing inputs' shapes, dtypes and layouts (the values are the check's)."""
-    n, c, h, w = shape
-    x = torch.empty(shape, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
-    weight = torch.empty(c_out, c // groups, 3, 3, device=device)
-    scale = torch.empty(c, device=device).requires_grad_(train) if prologue else None
-    shift = torch.empty(c, device=device).requires_grad_(train) if prologue else None
-    return candidates_checker("grouped_conv3x3", (x.requires_grad_(train), weight.requires_grad_(train)),
-                              {"stride": stride, "groups": groups, "in_scale": scale, "in_shift": shift,
-                               "stats": stats})
 
 
 # ------------------------------------------------------------------ jobs and the child
@@ -308,7 +287,7 @@ def run_jobs(jobs: list[dict], timeout_s: Optional[float] = None) -> list[dict]:
     pending = list(range(len(jobs)))
     while pending:
         read_fd, write_fd = os.pipe()
-        child = subprocess.Popen([sys.executable, "-c", "from engine.ops.verify import child_main; child_main()",
+        child = subprocess.Popen([sys.executable, "-c", "from engine.ops.check_child import child_main; child_main()",
                                   str(write_fd)], stdin=subprocess.PIPE, pass_fds=(write_fd,))
         os.close(write_fd)
         receiver = Connection(read_fd, writable=False)
@@ -359,218 +338,3 @@ def _exit_text(code: Optional[int]) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit status {code}"
-
-
-def child_main() -> None:
-    """The child: reads (sys.path, setup, jobs) from stdin, reports on the fd in argv[1]."""
-    global _IN_CHILD
-    _IN_CHILD = True
-    conn = Connection(int(sys.argv[1]), readable=False)
-    path, setup, jobs = pickle.load(sys.stdin.buffer)
-    sys.path[:0] = [p for p in path if p not in sys.path]
-    from engine.ops import autotune
-    autotune.WRITABLE = False
-    try:
-        import engine.ops  # noqa: F401  (registers the ops)
-        for target in setup:
-            module, name = target.split(":")
-            getattr(importlib.import_module(module), name)()
-    except Exception as e:
-        conn.send(("setup-failed", f"{type(e).__name__}: {e}"))
-        return
-    for i, job in enumerate(jobs):
-        conn.send(("start", i))
-        try:
-            if job["kind"] == "check":
-                result = run_check(job)
-            else:
-                module, name = job["kind"].split(":")
-                result = getattr(importlib.import_module(module), name)(job)
-        except Exception as e:
-            result = {"status": "error", "detail": f"{type(e).__name__}: {e}".strip()[:2000],
-                      "trace": traceback.format_exc()[-4000:], "max_error": None, "seconds": None}
-        conn.send(("done", i, result))
-    conn.close()
-
-
-# ------------------------------------------------------------------ the check itself
-
-def _fill(name: Optional[str], spec, gen: torch.Generator, named: dict, upcast: bool):
-    """Seeded values an op accepts: a positive variance and scale, valid tags, weights over them.
-    `upcast`: half-precision tensors in fp32, holding the same (rounded) values."""
-    shape, dtype, layout, grad, device = spec[1:]
-    # Drawn on the CPU (a generator serves one device), then placed and rounded: the same
-    # values on any device.
-    if name == "tags":
-        rows = named["weight"].shape[0]
-        t = torch.randint(-1, rows, shape, generator=gen)
-        t[:, 0] = torch.randint(0, rows, (shape[0],), generator=gen)
-    elif name == "tag_weights":
-        valid = (named["tags"].cpu() >= 0).float()
-        t = valid / valid.sum(1, keepdim=True).clamp(min=1)
-    elif not dtype.is_floating_point:
-        t = torch.randint(0, 2, shape, generator=gen)
-    elif name in ("running_var", "in_scale"):
-        t = torch.rand(shape, generator=gen).add_(0.5)
-    else:
-        t = torch.randn(shape, generator=gen)
-    t = t.to(device=device, dtype=dtype)
-    if upcast and dtype in (torch.float16, torch.bfloat16):
-        t = t.float()
-    if layout == "nhwc":
-        t = t.contiguous(memory_format=torch.channels_last)
-    return t.requires_grad_(grad)
-
-
-def _build(spec, name, gen, named, leaves: list, upcast: bool):
-    kind = spec[0]
-    if kind == "tensor":
-        t = _fill(name, spec, gen, named, upcast)
-        if t.requires_grad:
-            leaves.append(t)
-        if name is not None:
-            named[name] = t
-        return t
-    if kind == "namedtuple":
-        module, qualname = spec[1].split(":")
-        cls = getattr(importlib.import_module(module), qualname)
-        return cls(*[_build(s, f, gen, named, leaves, upcast) for s, f in zip(spec[2], cls._fields)])
-    if kind == "seq":
-        items = [_build(s, None, gen, named, leaves, upcast) for s in spec[2]]
-        return tuple(items) if spec[1] == "tuple" else items
-    return spec[1]
-
-
-def build_call(op, job: dict, seed: int = 0, upcast: bool = False):
-    """(args, kwargs, leaves needing gradients) of a job, the same values for a given seed."""
-    gen = torch.Generator().manual_seed(seed)
-    names = list(inspect.signature(op.backends["reference"].impl).parameters)
-    named: dict[str, Tensor] = {}
-    leaves: list[Tensor] = []
-    args = [_build(s, names[i] if i < len(names) else None, gen, named, leaves, upcast)
-            for i, s in enumerate(job["args"])]
-    kwargs = {k: _build(s, k, gen, named, leaves, upcast) for k, s in job["kwargs"].items()}
-    return args, kwargs, leaves
-
-
-def relative_error(got: Tensor, want: Tensor) -> float:
-    """max |got - want| / max |want| (inf when got is not finite where want is)."""
-    if got.shape != want.shape:
-        return float("inf")
-    got, want = got.detach().double(), want.detach().double()
-    finite = torch.isfinite(want)
-    if not bool(torch.isfinite(got[finite]).all()):
-        return float("inf")
-    if not bool(finite.any()):
-        return 0.0
-    scale = want[finite].abs().max().item()
-    return (got[finite] - want[finite]).abs().max().item() / max(scale, 1e-12)
-
-
-def compare(pairs: list[tuple[str, Tensor, Tensor]], dtype: torch.dtype,
-            floors: Optional[dict[str, float]] = None) -> dict:
-    """Pass or mismatch over named (got, want) pairs: each within dtype's tolerance or, when
-    `floors` gives the error the reference itself makes at that precision, twice that."""
-    base = TOLERANCE.get(dtype, TOLERANCE[torch.float32])
-    floors = floors or {}
-    errors = {name: relative_error(got, want) for name, got, want in pairs}
-    allowed = {name: max(base, 2.0 * floors.get(name, 0.0)) for name in errors}
-    over = {name: errors[name] / allowed[name] for name in errors if not errors[name] <= allowed[name]}
-    max_error = max(errors.values(), default=0.0)
-    if over:
-        worst = max(over, key=over.get)
-        return {"status": "mismatch", "max_error": max_error, "errors": errors,
-                "detail": f"{worst} is off by {errors[worst]:.3g} of its largest value (allowed {allowed[worst]:.3g} "
-                          f"in {str(dtype)[6:]})"}
-    return {"status": "pass", "max_error": max_error, "errors": errors, "detail": f"max error {max_error:.3g}"}
-
-
-def _dtypes(spec):
-    if spec[0] == "tensor":
-        yield spec[2]
-    elif spec[0] in ("namedtuple", "seq"):
-        for s in spec[2]:
-            yield from _dtypes(s)
-
-
-def job_dtype(job: dict) -> torch.dtype:
-    specs = list(job["args"]) + list(job["kwargs"].values())
-    return lowest_precision(d for spec in specs for d in _dtypes(spec))
-
-
-def lowest_precision(dtypes) -> torch.dtype:
-    """The dtype whose tolerance applies: the least precise floating one."""
-    order = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
-    return min((d for d in dtypes if d in order), key=order.index, default=torch.float32)
-
-
-def _run(op, backend: str, job: dict, upcast: bool = False) -> dict:
-    """One run of a backend on the job's inputs: named outputs, gradients and the float
-    arguments after the call (ops update running statistics in place)."""
-    args, kwargs, leaves = build_call(op, job, upcast=upcast)
-    with torch.set_grad_enabled(job["grad"]):
-        if ":" in backend:
-            out = VARIANT_RUNNERS[op.name](backend, *args, **kwargs)
-        else:
-            out = op.backends[backend].impl(*args, **kwargs)
-        outs = list(tensors_in(out))
-        grads: list[Optional[Tensor]] = []
-        differentiable = [o for o in outs if o.requires_grad]
-        if leaves and differentiable:
-            # Output gradients hold the same values in every run: rounded to the least precise dtype.
-            gen, rounding = torch.Generator().manual_seed(1), job_dtype(job)
-            seeds = [torch.randn(o.shape, generator=gen).to(rounding).to(o.device, o.dtype) for o in differentiable]
-            grads = list(torch.autograd.grad(differentiable, leaves, seeds, allow_unused=True))
-    if outs and outs[0].is_cuda:
-        torch.cuda.synchronize()
-    named = {f"output {i}": o for i, o in enumerate(outs)}
-    named.update({f"gradient {i}": g for i, g in enumerate(grads)})
-    updated = [t for t in tensors_in((args, kwargs)) if not t.requires_grad and t.is_floating_point()]
-    named.update({f"updated input {i}": t for i, t in enumerate(updated)})
-    return {"named": named, "needs_grad": [o.requires_grad for o in outs], "outputs": len(outs)}
-
-
-def run_check(job: dict) -> dict:
-    """One check, in this process (the child): the backend against the reference. The
-    reference runs in fp32 on half-precision inputs' values (the specification's answer)
-    and, for the tolerance, once more in the inputs' own dtype: a half-precision backend
-    must come within twice the error the reference itself makes at that precision."""
-    from engine.ops.dispatch import REGISTRY
-    op = REGISTRY[job["op"]]
-    start = time.perf_counter()
-    got = _run(op, job["backend"], job)
-    seconds = round(time.perf_counter() - start, 4)
-    want = _run(op, "reference", job, upcast=True)
-
-    def mismatch(detail):
-        return {"status": "mismatch", "max_error": None, "seconds": seconds, "detail": detail}
-    if got["outputs"] != want["outputs"]:
-        return mismatch(f"returned {got['outputs']} tensors, the reference {want['outputs']}")
-    if any(n.startswith("gradient") for n in want["named"]) and got["needs_grad"] != want["needs_grad"]:
-        return mismatch(f"which outputs carry gradients differs from the reference: {got['needs_grad']} vs "
-                        f"{want['needs_grad']}")
-    for name, w in want["named"].items():
-        if (got["named"].get(name) is None) != (w is None):
-            return mismatch(f"{name} is {'missing' if w is not None else 'present'}, unlike the reference's")
-    pairs = [(name, got["named"][name], w) for name, w in want["named"].items() if w is not None]
-    dtype = job_dtype(job)
-    floors = None
-    if dtype in (torch.float16, torch.bfloat16):
-        try:
-            native = _run(op, "reference", job)["named"]
-            floors = {name: relative_error(native[name], w) for name, _, w in pairs if native.get(name) is not None}
-        except RuntimeError:
-            pass  # the reference has no kernel for this dtype here: the dtype's tolerance alone
-    verdict = compare(pairs, dtype, floors)
-    verdict["seconds"] = seconds
-    verdict["checked"] = {kind: sum(name.startswith(kind) for name, _, _ in pairs)
-                          for kind in ("output", "gradient", "updated input")}
-    return verdict
-
-
-def _grouped_conv_variant(choice, x, weight, *, stride=1, groups=1, in_scale=None, in_shift=None, stats=False):
-    from engine.ops import grouped_conv
-    return grouped_conv._Function.apply(x, weight, in_scale, in_shift, int(stride), int(groups), bool(stats), choice)
-
-
-VARIANT_RUNNERS["grouped_conv3x3"] = _grouped_conv_variant

@@ -1,11 +1,10 @@
 """ConvBNBottleneck: the bottleneck block with its batch norms fused into the 1x1
-convolutions (engine.ops.conv_bn), as a drop-in for engine.models.resnext.Bottleneck.
+convolutions (engine.ops.conv_bn), as a drop-in for engine.models.bottleneck.Bottleneck.
 
 Same constructor, same submodules (conv1, bn1, conv2, bn2, conv3, bn3, downsample.0,
 downsample.1) and so the same state dict as torchvision's Bottleneck: the convolutions and
 batch norms are ordinary nn.Conv2d / nn.BatchNorm2d modules that hold the parameters and
 buffers, and forward hands them to one conv_bn_bottleneck call instead of calling them.
-It imports nothing from engine.models.resnext, so resnext.py can import it at the top.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from engine.models.bottleneck import Bottleneck
 from engine.ops.bn_act import BatchNormAct2d
 from engine.ops.conv_bn import BNParams, conv_bn_bottleneck
 
@@ -39,26 +39,17 @@ def _bn_params(bn: nn.BatchNorm2d, use_running: bool) -> BNParams:
                     bn.running_var if use_running else None)
 
 
-class ConvBNBottleneck(nn.Module):
+class ConvBNBottleneck(Bottleneck):
     """torchvision's ResNet v1.5 bottleneck (stride on the grouped 3x3) computed by
     conv_bn_bottleneck. Its norms must agree on eps, momentum and track_running_stats;
     the downsample's norm is read as a plain batch norm (its own forward is not called).
     `backend` (an attribute, default None: automatic) forces a conv_bn_bottleneck backend."""
 
-    expansion = 4
-
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  groups: int = 1, base_width: int = 64):
-        super().__init__()
         _check_downsample(downsample, stride)
-        width = int(planes * (base_width / 64.0)) * groups  # torchvision's
-        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=groups, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.downsample = downsample
+        super().__init__(inplanes, planes, stride, downsample, groups, base_width)
+        del self.relu
         self.stride = stride
         self.groups = groups
         self.backend: Optional[str] = None
@@ -100,39 +91,3 @@ class ConvBNBottleneck(nn.Module):
                     bn.running_mean.lerp_(p.running_mean, factor.to(p.running_mean.dtype))
                     bn.running_var.lerp_(p.running_var, factor.to(p.running_var.dtype))
         return y
-
-
-def autotune_fused_blocks(model: nn.Module, sample: Tensor, head: Optional[nn.Module] = None,
-                          tags: Optional[Tensor] = None) -> int:
-    """The eager warm-up the training loop runs before torch.compile traces the model or
-    CUDA graphs capture it, neither of which can check or time kernels:
-    1. a training-mode forward on `sample` that queues a check against the reference for
-       every fused op's key (engine.ops.verify; all run in one child process, each
-       verdict cached on disk), and, with `head` (an engine.heads.HashtagHead), its loss on
-       the model's output against `tags` (shaped like the loop's), so that the head's
-       kernels are checked in the same child at the loop's key instead of at its first step;
-    2. when anything was checked, a second forward on the backends that passed. In the
-       last forward every ConvBNBottleneck's grouped 3x3 gets its autotuned implementation
-       (engine.ops.grouped_conv).
-    Without it an unchecked or untuned shape runs the reference under compile or capture.
-    Call it in the step's autocast context, with the step's batch shape. The running
-    statistics, batch counters and the head's counters the forwards update are restored.
-    Returns the number of fused modules (ConvBNBottleneck blocks and BatchNormAct2d norms)."""
-    from engine.ops import verify
-    fused = sum(isinstance(m, (ConvBNBottleneck, BatchNormAct2d)) for m in model.modules())
-    if not fused and head is None:
-        return 0
-    buffers = list(model.buffers()) + (list(head.buffers()) if head is not None else [])
-    saved = [b.detach().clone() for b in buffers]
-    with verify.deferred() as checked:
-        features = model(sample)
-        if head is not None:
-            head(features, tags)
-        # The activations go before the checks' child allocates on the same device.
-        del features
-    if checked and fused:
-        model(sample)
-    with torch.no_grad():
-        for buffer, value in zip(buffers, saved):
-            buffer.copy_(value)
-    return fused
