@@ -56,8 +56,8 @@ MUTATIONS = [
         "sampled mode trains no bias"),
     Mutation(
         "fused-block-aten-3x3-drops-bn1-relu", "engine/ops/conv_bn.py",
-        "h1 = k.conv_bn_apply_triton(a1, s1, t1, None, None, None, True)",
-        "h1 = k.conv_bn_apply_triton(a1, s1, t1, None, None, None, False)",
+        "h1 = bn.conv_bn_apply_triton(a1, s1, t1, None, None, None, True)",
+        "h1 = bn.conv_bn_apply_triton(a1, s1, t1, None, None, None, False)",
         ("tests/test_conv_bn.py", "-k", "3x3_paths and aten"),
         "the fused block's cuDNN/ATen 3x3 path (what runs when the autotuner picks cuDNN) skips bn1's ReLU"),
     Mutation(
