@@ -50,11 +50,14 @@ def synthesise(work: str, rows: int, part_rows: int, distinct_tags: int, seed: i
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from engine.data.builder import ROWS_VERSION  # the columns of a rows part
+
     done = os.path.join(work, "synthetic.json")
     if os.path.isfile(done):
         with open(done) as f:
             info = json.load(f)
-        if info["rows"] == rows and info["part_rows"] == part_rows and info["distinct_tags"] == distinct_tags:
+        if (info["rows"] == rows and info["part_rows"] == part_rows and info["distinct_tags"] == distinct_tags
+                and info.get("rows_version") == ROWS_VERSION):
             return info
     shutil.rmtree(work, ignore_errors=True)
     for d in ("rows", "scan", "plan"):
@@ -77,7 +80,8 @@ def synthesise(work: str, rows: int, part_rows: int, distinct_tags: int, seed: i
         tags = pa.ListArray.from_arrays(pa.array(offsets), pa.array(tag_names[tag_ids].tolist(), pa.string()))
         keys = np.char.mod("k%010d", ids).tolist()
         pq.write_table(pa.table({"key": keys, "path": np.char.mod("img/%010d.jpg", ids).tolist(),
-                                 "offset": np.full(n, -1, np.int64), "size": np.full(n, -1, np.int64), "tags": tags}),
+                                 "offset": np.full(n, -1, np.int64), "size": np.full(n, -1, np.int64), "tags": tags,
+                                 "bad_tags": pa.array([[]] * n, pa.list_(pa.list_(pa.string())))}),
                        os.path.join(work, "rows", "part-%06d.parquet" % p))
         u = rng.random(n)
         action = np.where(u < 0.005, "skipped", np.where(u < 0.01, "reencoded", "ok")).astype(object)
@@ -98,6 +102,7 @@ def synthesise(work: str, rows: int, part_rows: int, distinct_tags: int, seed: i
     order = np.lexsort(digests.T[::-1])
     np.save(os.path.join(work, "eval.npy"), np.ascontiguousarray(digests[order]))
     info = {"rows": rows, "part_rows": part_rows, "parts": parts, "distinct_tags": distinct_tags,
+            "rows_version": ROWS_VERSION,
             "seconds": round(time.perf_counter() - t0, 1)}
     with open(done, "w") as f:
         json.dump(info, f)

@@ -4,8 +4,9 @@ indexed webdataset shards (format in engine.data.dataset).
 Stages, each a list of tasks that an engine runs (engine.data.engines: a local
 process pool, or Ray Data on a cluster), each resumable, none holding all rows:
 
-0. read (driver): the metadata (engine.data.metadata) streamed into parts of
-   `chunk_size` rows, .build/rows/part-N.parquet.
+0. read, one task per metadata file, or per byte range of a large plain one
+   (`split_bytes`): the metadata (engine.data.metadata) streamed into parts of
+   `chunk_size` rows, .build/rows/file-F[-range-R]/part-N.parquet.
 1. scan, one task per part (engine.data.scan): hash, validate, repair.
 2. plan (engine.data.plan): evaluation-set removal and exact dedup by sha256 as a
    bucketed map/reduce, hashtag counts and the top-K vocabulary as a bucketed
@@ -47,10 +48,10 @@ from engine.data.dataset import FORMAT, shard_name
 from engine.data.engines import ENGINES, make_engine, peak_rss_bytes, run_stage, todo
 from engine.data.write import BuildError
 
-ROWS_VERSION = 2
+ROWS_VERSION = 3
 # Settings that change where, how visibly or in what pieces a build runs, never what it writes.
 RUN_SETTINGS = ("progress", "workers", "start_method", "overwrite", "out", "engine", "address", "plan_buckets",
-                "chunk_size")
+                "chunk_size", "split_bytes")
 
 
 @dataclass
@@ -83,6 +84,7 @@ class BuildConfig:
     reencode_progressive: bool = True  # progressive JPEGs are re-encoded (the HW decoder takes baseline only)
     quality: int = 90  # JPEG quality of re-encoded images
     chunk_size: int = 2048  # rows per metadata part: one scan task, one unit of every plan stage
+    split_bytes: int = 256 << 20  # a plain jsonl / yfcc100m file is read in byte ranges of this size; 0: whole
     overwrite: bool = False  # allow replacing a build made with a different configuration
     progress: bool = True
     path_field: str = "path"
@@ -229,13 +231,17 @@ def _read_stage(engine, cfg: BuildConfig, synonyms: dict, rows_dir: str) -> dict
             return json.load(f)
     fmt = meta_mod.detect_format(cfg.metadata, cfg.format)
     files = meta_mod.input_files(cfg.metadata, fmt)
-    tasks = [{"file": os.path.abspath(path), "images": os.path.abspath(cfg.images), "format": fmt,
-              "fields": dataclasses.asdict(cfg.fields()), "synonyms": synonyms, "chunk": cfg.chunk_size,
-              "out_dir": os.path.join(rows_dir, "file-%06d" % i), "out": os.path.join(rows_dir, "file-%06d" % i,
-                                                                                       "done.json")}
-             for i, path in enumerate(files)]
-    run_stage(engine, meta_mod.write_parts, todo(tasks), "read ", cfg.progress, len(files),
-              len(files) - len(todo(tasks)))
+    tasks = []
+    for i, path in enumerate(files):
+        ranges = meta_mod.read_ranges(path, fmt, cfg.split_bytes)
+        for r, (start, end) in enumerate(ranges):
+            out_dir = os.path.join(rows_dir, "file-%06d" % i + ("-range-%05d" % r if len(ranges) > 1 else ""))
+            tasks.append({"file": os.path.abspath(path), "start": start, "end": end,
+                          "images": os.path.abspath(cfg.images), "format": fmt,
+                          "fields": dataclasses.asdict(cfg.fields()), "synonyms": synonyms, "chunk": cfg.chunk_size,
+                          "out_dir": out_dir, "out": os.path.join(out_dir, "done.json")})
+    run_stage(engine, meta_mod.write_parts, todo(tasks), "read ", cfg.progress, len(tasks),
+              len(tasks) - len(todo(tasks)))
     info: dict = {"parts": [], "part_rows": [], "rows": 0, "not_images": {}}
     for t in tasks:
         with open(t["out"], encoding="utf-8") as f:
@@ -276,13 +282,14 @@ def build(config: Union[BuildConfig, dict]) -> dict:
     settings = {name: v for name, v in dataclasses.asdict(cfg).items() if name not in RUN_SETTINGS}
     eval_fp = _fingerprint(sorted(eval_hashes))
     config_fp = _fingerprint({"settings": settings, "metadata": inputs_fp, "images": images, "eval_hashes": eval_fp,
-                              "synonyms": synonyms})
+                              "synonyms": synonyms, "hashtag_rule": vocab_mod.RULE})
     # The rows and scan results, by content (what the plan reads), and cut into parts (where they lie).
-    content_fp = _fingerprint({"versions": [ROWS_VERSION, scan_mod.SCAN_VERSION], "metadata": inputs_fp,
+    content_fp = _fingerprint({"versions": [ROWS_VERSION, scan_mod.SCAN_VERSION], "hashtag_rule": vocab_mod.RULE,
+                               "metadata": inputs_fp,
                                "format": cfg.format, "fields": dataclasses.asdict(cfg.fields()), "synonyms": synonyms,
                                "images": images, "limits": dataclasses.asdict(cfg.limits()), "dali": use_dali,
                                "dali_device": cfg.dali_device})
-    rows_fp = _fingerprint({"content": content_fp, "chunk": cfg.chunk_size})
+    rows_fp = _fingerprint({"content": content_fp, "chunk": cfg.chunk_size, "split": cfg.split_bytes})
     plan_fp = _fingerprint({"config": config_fp, "content": content_fp})
     meta_path = os.path.join(out, "dataset.json")
     if os.path.isfile(meta_path) and not cfg.overwrite:
@@ -396,7 +403,10 @@ def build(config: Union[BuildConfig, dict]) -> dict:
         "config": settings,
         "validation": validator_note,
         "metadata_rows": num_rows,
-        "not_images": info["not_images"],  # metadata rows left out before the scan (YFCC100M videos)
+        # Metadata rows left out before the scan: YFCC100M videos, and img2dataset rows by their status.
+        "not_images": {r: c for r, c in info["not_images"].items() if not r.startswith("status:")},
+        "skipped_by_status": {r[len("status:"):]: c for r, c in info["not_images"].items() if r.startswith("status:")},
+        "tags_rejected": {r: e["count"] for r, e in sorted(merged["tags_rejected"].items())},
         "valid_as_is": merged["valid_as_is"],
         "reencoded": {r: e["count"] for r, e in sorted(reencoded.items())},
         "skipped": {r: e["count"] for r, e in sorted(skipped.items())},
@@ -410,6 +420,7 @@ def build(config: Union[BuildConfig, dict]) -> dict:
             "in_eval_set": _capped_entry(merged["in_eval_set"].get("all")),
             "duplicate": _capped_entry(merged["duplicate"].get("all")),  # [key, key of the copy kept]
             "no_hashtag": _capped_entry(merged["no_hashtag"].get("all")),
+            "tags_rejected": {r: _capped_entry(e) for r, e in sorted(merged["tags_rejected"].items())},
         },
         "vocab": {"requested": k, "size": len(hashtags), "distinct_hashtags": planned.distinct,
                   "synonyms": len(synonyms), "weighting": cfg.weighting},

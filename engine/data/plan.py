@@ -245,7 +245,7 @@ def assign_part(task: dict) -> dict:
 
     with open(task["vocab"], encoding="utf-8") as f:
         hashtags = json.load(f)["hashtags"]
-    rows = pq.read_table(task["rows"], columns=["key", "path", "tags"])
+    rows = pq.read_table(task["rows"], columns=["key", "path", "tags", "bad_tags"])
     scan = pq.read_table(task["scan"], columns=["action", "reason", "detail"])
     st = _open_ipc(task["status"]).get_batch(0)
     status = st.column(0).to_numpy()
@@ -271,11 +271,14 @@ def assign_part(task: dict) -> dict:
     final_ids = ids[take].astype(np.int32)
     final_offsets = np.concatenate([[0], np.cumsum(per_row[final])]).astype(np.int32)
     report: dict = {"valid_as_is": int((action == "ok").sum()), "skipped": {}, "reencoded": {}, "in_eval_set": {},
-                    "duplicate": {}, "no_hashtag": {}}
+                    "duplicate": {}, "no_hashtag": {}, "tags_rejected": {}}
     # rejected.jsonl lines: a Python loop over the (few) rows not written as is.
     reencoded = (status == KEPT) & (action == "reencoded")
-    odd = np.flatnonzero((status != KEPT) | reencoded | no_tag)
+    bad_tags = rows.column("bad_tags").combine_chunks()
+    has_bad = pc.list_value_length(bad_tags).fill_null(0).to_numpy() > 0
+    odd = np.flatnonzero((status != KEPT) | reencoded | no_tag | has_bad)
     sub = pa.array(odd, pa.int64())
+    bad_of = bad_tags.take(sub).to_pylist()
     keys = rows.column("key").take(sub).to_pylist()
     paths = rows.column("path").take(sub).to_pylist()
     reasons = scan.column("reason").take(sub).to_pylist()
@@ -284,6 +287,9 @@ def assign_part(task: dict) -> dict:
     lines = []
     for j, i in enumerate(odd.tolist()):
         key, path, s = keys[j], paths[j], status[i]
+        for tag, why in bad_of[j]:  # the tags a row lost, whatever became of the row
+            lines.append({"key": key, "path": path, "action": "tag_rejected", "reason": why, "tag": tag})
+            _capped_add(report["tags_rejected"], why, [key, tag])
         if s == SKIPPED:
             lines.append({"key": key, "path": path, "action": "skipped", "reason": reasons[j], "detail": details[j]})
             _capped_add(report["skipped"], reasons[j], key)
@@ -324,7 +330,7 @@ def merge_reports(paths: list[str]) -> dict:
     """The parts' reports (assign_part's) as one: counts summed, key lists concatenated in
     part order and capped at REPORT_MAX_KEYS."""
     merged: dict = {"valid_as_is": 0, "final": 0, "tags": 0}
-    lists = ("skipped", "reencoded", "in_eval_set", "duplicate", "no_hashtag")
+    lists = ("skipped", "reencoded", "in_eval_set", "duplicate", "no_hashtag", "tags_rejected")
     for name in lists:
         merged[name] = {}
     for p in paths:
