@@ -14,6 +14,7 @@ COMMANDS = {
     "bench": ("engine.bench", "training-step throughput of a ResNeXt on synthetic input"),
     "data": ("engine.data.cli", "build, synthesise and benchmark hashtag datasets"),
     "train": ("engine.train", "hashtag pretraining (presets, --set overrides; under torchrun for many GPUs)"),
+    "export": ("engine.checkpoint", "a run's newest checkpoint as a torchvision-format model.pt (trunk + fc)"),
     "eval": ("engine.evaluate", "transfer: linear probe or fine-tuning on an ImageFolder set, top-1/top-5"),
     "plot": ("engine.plot", "loss and throughput curves of a run directory as PNG"),
     "demo": ("engine.demo", "end to end in minutes on a CPU: synthesise, build, pretrain, linear probe"),

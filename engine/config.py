@@ -508,7 +508,7 @@ def validate(cfg: Config, world_size: int = 1, *, check_paths: bool = True) -> N
         _fail("train.steps", f"must be at least 1, got {t.steps}")
     if t.batch_size < 1:
         _fail("train.batch_size", f"must be at least 1, got {t.batch_size}")
-    if t.batch_size % world_size:
+    if t.batch_size % world_size and not t.micro_batch:  # with a micro-batch, the check below says more
         _fail("train.batch_size", f"{t.batch_size} is not divisible by the world size ({world_size} ranks); "
                                   f"use a multiple of {world_size}")
     if t.micro_batch < 0:
@@ -517,7 +517,9 @@ def validate(cfg: Config, world_size: int = 1, *, check_paths: bool = True) -> N
     if t.batch_size % (micro * world_size):
         _fail("train.micro_batch" if t.micro_batch else "train.batch_size",
               f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch x world size "
-              f"({micro} x {world_size} = {micro * world_size}); the accumulation steps must be a whole number")
+              f"({micro} x {world_size} = {micro * world_size}); the accumulation steps must be a whole number "
+              f"(world sizes that work at micro-batch {micro}: "
+              f"{', '.join(str(w) for w in range(1, t.batch_size // micro + 1) if t.batch_size % (micro * w) == 0)})")
     if micro < 2 and not m.sync_bn:
         _fail("train.micro_batch", f"{micro} image(s) per rank per forward: batch norm in training needs at least "
                                    "2 (raise train.batch_size or train.micro_batch)")

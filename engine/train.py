@@ -18,8 +18,16 @@ distributed logic. bf16 autocast, channels_last, optional torch.compile and CUDA
 per-GPU BN (the paper) or SyncBN, SGD + Nesterov (torch's fused kernel, or apex),
 warm-up then step/cosine decay, gradient accumulation up to the global batch.
 
-Faults: checkpoints every N steps, at the end and on SIGTERM/SIGINT (engine.checkpoint);
-`train.resume=auto` continues from the newest one exactly (same losses); a non-finite
+Elastic: with the global batch B = train.batch_size and the micro-batch m fixed, step s is
+B / m micro-batches whose images and augmentations depend on (seed, s, micro-batch) only;
+rank r of W runs B / (m W) of them (gradient accumulation). The step is the same at any W
+(up to the summation order), so a checkpoint written by W1 ranks resumes at any W2 with
+B % (m W2) == 0: the head's slices and their momentum are resharded, the data position is
+the step. With train.micro_batch=0 a resumed run keeps the checkpoint's micro-batch.
+
+Faults: checkpoints every N steps, at the end and on SIGTERM/SIGINT (engine.checkpoint),
+written in the background by every rank; `train.resume=auto` continues from the newest one
+exactly (same losses), at any world size that divides the batch; a non-finite
 loss skips the step; `train.max_nonfinite` in a row stop the run naming the last good
 checkpoint; out-of-memory errors name the knob to turn. A rank that dies makes the
 others' collectives fail (or time out after train.dist_timeout_s) and torchrun ends the
@@ -42,7 +50,7 @@ import torch
 import torch.distributed as dist
 
 from engine import checkpoint as ckpt_mod
-from engine.builders import (build_head, build_loader, build_optimizer, build_trunk, iter_forever,
+from engine.builders import (build_head, build_optimizer, build_trunk, iter_forever,
                              load_init_weights, lr_lambda, model_flops_per_image, oom_advice, peak_lr, pick_device,
                              preflight, tag_width, wrap_trunk)
 from engine.config import Config, ConfigError, accumulation, to_json, validate
@@ -148,7 +156,8 @@ class Trainer:
 
     def _build(self, cfg: Config) -> None:
         self.device, self.amp_dtype = pick_device(cfg, self.dist)
-        self.micro, self.accum = accumulation(cfg, self.dist.world)
+        self.resume_path = find_resume(cfg)
+        self.micro, self.accum = resumed_accumulation(cfg, self.dist.world, self.resume_path)
         self.out_dir = cfg.train.out_dir
         self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
         self.rank0 = self.dist.rank == 0
@@ -166,7 +175,10 @@ class Trainer:
         self.optimizer, self.head_param_ids = build_optimizer(cfg, self.trunk, self.head)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.loader = build_loader(cfg, self.dist, self.device, self.micro, self.amp_dtype, self.vocab)
+        self.loader = self._build_input(cfg)
+        self.head_names = head_param_names(self.optimizer, self.head)
+        self.writer = ckpt_mod.Writer(self.ckpt_root, self.dist.rank, self.dist.world, keep_last=cfg.train.keep_last,
+                                      timeout_s=cfg.train.dist_timeout_s)
         self.state = TrainState()
         self._maybe_resume()
         self.model, self.ddp = wrap_trunk(cfg, self.trunk, self.dist, self.device, self.micro, self.amp_dtype,
@@ -177,6 +189,29 @@ class Trainer:
         self.last_sync_step = self.state.step
         if self.rank0:
             write_json(os.path.join(self.out_dir, "config.json"), {**cfg.to_dict(), "resolved": self.resolved()})
+
+    def _build_input(self, cfg: Config):
+        """This rank's share of every step's micro-batches (engine.data.sampling)."""
+        d, dc = self.dist, cfg.data
+        # bf16 input on a GPU under bf16 autocast (the first conv reads half the bytes); fp32 otherwise.
+        dtype = self.amp_dtype if self.device.type == "cuda" and self.amp_dtype != torch.float32 else torch.float32
+        if dc.synthetic:
+            from engine.data.synthetic import SyntheticMicroBatches
+
+            return SyntheticMicroBatches(global_batch=cfg.train.batch_size, micro_batch=self.micro, rank=d.rank,
+                                         world_size=d.world, seed=cfg.train.seed, image_size=dc.image_size,
+                                         vocab_size=self.vocab, tags_per_image=max(1, dc.max_tags or 3),
+                                         device=self.device, dtype=self.amp_dtype,
+                                         channels_last=cfg.model.channels_last)
+        from engine.data.loaders import make_train_loader
+
+        return make_train_loader(
+            dc.dataset, self.micro, rank=d.rank, world_size=d.world, seed=cfg.train.seed, device=self.device,
+            dtype=dtype, size=dc.image_size, resample=dc.resample, samples_per_epoch=dc.samples_per_epoch or None,
+            global_batch=cfg.train.batch_size, backend=dc.backend, layout="NCHW", scale=(dc.scale_min, 1.0),
+            max_tags=dc.max_tags or None, num_threads=dc.num_threads or None,
+            num_workers=None if dc.num_workers < 0 else dc.num_workers, hw_decoder_load=dc.hw_decoder_load,
+            prefetch=dc.prefetch)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -308,34 +343,79 @@ class Trainer:
         return stop_now
 
     def save(self) -> str:
-        """A checkpoint of the current step (a collective: every rank calls it)."""
-        model_sd = self.head.state_dict()  # the full vocabulary (a collective with a group)
-        model_sd = {**self.trunk.state_dict(), **{"fc." + k: v for k, v in model_sd.items()}} if self.rank0 else None
+        """A checkpoint of the current step: every rank copies its share to host memory and
+        returns; the files are written in the background (engine.checkpoint.Writer). No
+        collective: the head is saved slice by slice, never gathered."""
         shared_opt, local_opt = ckpt_mod.split_optimizer_state(self.optimizer.state_dict(), self.head_param_ids)
         s = self.state
-        shared = {"optimizer": shared_opt, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                  "state": {"step": s.step, "skipped": s.skipped, "nonfinite_in_row": s.nonfinite_in_row,
-                            "images": s.images}}
-        rank_state = {"optimizer": local_opt, "data": self.loader.state_dict(),
-                      "rng": ckpt_mod.rng_state(self.device), "rank": self.dist.rank}
-        path = ckpt_mod.save_checkpoint(
-            self.ckpt_root, s.step, rank=self.dist.rank, world_size=self.dist.world, rank_state=rank_state,
-            shared=shared if self.rank0 else None, model={"model": model_sd} if self.rank0 else None,
-            config=self.cfg.to_dict() if self.rank0 else None, keep_last=self.cfg.train.keep_last,
-            barrier=self.dist.barrier)
+        # The slice itself: head.state_dict() would gather the full vocabulary.
+        rank_state = {"head": {name: p for name, p in self.head.named_parameters()},
+                      "head_optimizer": {self.head_names[i]: st for i, st in local_opt["state"].items()},
+                      "data": self.loader.state_dict(), "rng": ckpt_mod.rng_state(self.device),
+                      "rank": self.dist.rank}
+        files = {ckpt_mod.rank_file(self.dist.rank): rank_state}
+        meta = config = None
+        if self.rank0:
+            files["shared.pt"] = {
+                "trunk": self.trunk.state_dict(), "optimizer": shared_opt, "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "state": {"step": s.step, "skipped": s.skipped, "nonfinite_in_row": s.nonfinite_in_row,
+                          "images": s.images}}
+            meta = {"global_batch": self.cfg.train.batch_size, "micro_batch": self.micro,
+                    "num_classes": self.head.num_classes, "head_slices": [list(x) for x in self.head.slices]}
+            config = self.cfg.to_dict()
+        path = self.writer.save(s.step, files, meta=meta, config=config)
         s.last_checkpoint = path
-        self.log.note(f"checkpoint {path}")
+        self.log.note(f"checkpoint {path} (host copy {1000 * self.writer.host_copy_s:.0f} ms, written in the "
+                      "background)")
         return path
 
+    def wait_for_checkpoints(self) -> None:
+        """Until the last checkpoint is committed, on every rank (its files may be read next)."""
+        self.writer.wait()
+        self.dist.barrier()
+
     def _maybe_resume(self) -> None:
-        resume = self.cfg.train.resume
-        if resume == "never":
-            return
-        path = ckpt_mod.latest_checkpoint(self.ckpt_root) if resume == "auto" else ckpt_mod.resolve_checkpoint(resume)
+        path = self.resume_path
         if path is None:
-            if resume != "auto":
-                raise ConfigError(f"train.resume: {resume!r} holds no complete checkpoint")
             return
+        meta = ckpt_mod.read_meta(path)
+        if meta["format"] == ckpt_mod.FORMAT_1:
+            self._resume_format_1(path)
+        else:
+            self._resume(path, meta)
+        self.state.last_checkpoint = path
+        if self.rank0:
+            print(f"engine train: resumed from {path} (step {self.state.step}, written by {meta['world_size']} "
+                  f"rank(s), now {self.dist.world}; {self.accum} accumulation step(s) of {self.micro})", flush=True)
+
+    def _resume(self, path: str, meta: dict) -> None:
+        if meta["num_classes"] != self.head.num_classes:
+            raise ConfigError(f"train.resume: {path} has a head of {meta['num_classes']} classes, this run "
+                              f"{self.head.num_classes}")
+        shared = ckpt_mod.load_file(os.path.join(path, "shared.pt"))
+        self.trunk.load_state_dict(shared["trunk"])
+        start, stop = self.head.vocab_start, self.head.vocab_stop
+        head = ckpt_mod.read_rows(path, "head", start, stop)
+        with torch.no_grad():
+            for name, value in head.items():
+                getattr(self.head, name).copy_(value)
+        head_opt = ckpt_mod.read_rows(path, "head_optimizer", start, stop)
+        ids = {name: i for i, name in self.head_names.items()}
+        local = {"state": {ids[name]: st for name, st in head_opt.items()}}
+        self.optimizer.load_state_dict(ckpt_mod.merge_optimizer_state(shared["optimizer"], local))
+        self.scheduler.load_state_dict(shared["scheduler"])
+        self.scaler.load_state_dict(shared["scaler"])
+        for k, v in shared["state"].items():
+            setattr(self.state, k, v)
+        own = os.path.join(path, ckpt_mod.rank_file(self.dist.rank))
+        same_world = meta["world_size"] == self.dist.world
+        rank_state = ckpt_mod.load_file(own if same_world else os.path.join(path, ckpt_mod.rank_file(0)))
+        self.loader.load_state_dict(rank_state["data"])  # the step: the same in every rank's file
+        if same_world:  # another world size has other ranks: their streams start afresh
+            ckpt_mod.set_rng_state(rank_state["rng"], self.device)  # last: nothing after it draws
+
+    def _resume_format_1(self, path: str) -> None:
         ck = ckpt_mod.load_checkpoint(path, self.dist.rank, self.dist.world)
         model_sd = ck["model"]
         self.trunk.load_state_dict({k: v for k, v in model_sd.items() if not k.startswith("fc.")})
@@ -344,15 +424,19 @@ class Trainer:
                                                                       ck["rank"]["optimizer"]))
         self.scheduler.load_state_dict(ck["shared"]["scheduler"])
         self.scaler.load_state_dict(ck["shared"]["scaler"])
-        self.loader.load_state_dict(ck["rank"]["data"])
         for k, v in ck["shared"]["state"].items():
             setattr(self.state, k, v)
-        self.state.last_checkpoint = path
-        ckpt_mod.set_rng_state(ck["rank"]["rng"], self.device)  # last: nothing after it draws
-        if self.rank0:
-            print(f"engine train: resumed from {path} (step {self.state.step})", flush=True)
+        if ck["rank"]["data"].get("kind") == "synthetic":
+            self.loader.set_step(self.state.step)
+        else:
+            try:
+                self.loader.load_state_dict(ck["rank"]["data"])
+            except ValueError as e:
+                raise ConfigError(f"train.resume: {path} ({ckpt_mod.FORMAT_1}): {e}") from None
+        ckpt_mod.set_rng_state(ck["rank"]["rng"], self.device)
 
     def finish(self, status: str) -> dict:
+        self.wait_for_checkpoints()
         s = self.state
         summary = self.log.finish(status, step=s.step, images=s.images, skipped=s.skipped,
                                   checkpoint=s.last_checkpoint, resolved=self.resolved())
@@ -368,6 +452,12 @@ class Trainer:
     def close(self, orderly: bool = True) -> None:
         """orderly: every rank finished the loop (the ranks meet before leaving their groups)."""
         try:
+            # A failed run still leaves its last checkpoint committed, unless a peer died before
+            # writing its part (then rank 0 would wait for it in vain: bounded).
+            self.writer.wait(None if orderly or self.dist.world == 1 else 60.0)
+        except RuntimeError as e:
+            print(f"engine train: {e}", file=sys.stderr, flush=True)
+        try:
             self.log.close()
         finally:
             close = getattr(self.loader, "close", None)
@@ -376,6 +466,59 @@ class Trainer:
             # The head holds its group; a group referred to after destruction keeps its threads.
             self.head = self.model = self.ddp = self.optimizer = None
             self.dist.close(orderly)
+
+
+# =========================================================================== resuming
+
+
+def find_resume(cfg: Config) -> Optional[str]:
+    """The checkpoint train.resume names (auto: the run's newest), or None."""
+    resume = cfg.train.resume
+    if resume == "never":
+        return None
+    root = os.path.join(cfg.train.out_dir, "checkpoints")
+    path = ckpt_mod.latest_checkpoint(root) if resume == "auto" else ckpt_mod.resolve_checkpoint(resume)
+    if path is None and resume != "auto":
+        raise ConfigError(f"train.resume: {resume!r} holds no complete checkpoint")
+    return path
+
+
+def resumed_accumulation(cfg: Config, world: int, path: Optional[str]) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) at `world` ranks, continuing checkpoint `path`: its
+    global batch and micro-batch stay (train.micro_batch=0 takes the checkpoint's), so the
+    resumed steps are the steps the checkpoint's run would have taken."""
+    micro, accum = accumulation(cfg, world)
+    meta = ckpt_mod.read_meta(path) if path else None
+    if meta is None:
+        return micro, accum
+    if meta["format"] == ckpt_mod.FORMAT_1:
+        if meta["world_size"] != world:
+            raise ConfigError(f"train.resume: {path} was written by {meta['world_size']} ranks in the old format "
+                              f"({ckpt_mod.FORMAT_1}), which resumes at its own world size only; this job has "
+                              f"{world} (run it with {meta['world_size']} ranks, or start a new run from its weights "
+                              f"with --set model.init={path})")
+        return micro, accum
+    batch, m = meta["global_batch"], meta["micro_batch"]
+    if batch != cfg.train.batch_size:
+        raise ConfigError(f"train.resume: {path} continues a run of global batch {batch}, this config has "
+                          f"train.batch_size={cfg.train.batch_size} (set it back to resume, or start a new run)")
+    if cfg.train.micro_batch and cfg.train.micro_batch != m:
+        raise ConfigError(f"train.resume: {path} continues a run of micro-batch {m}, this config has "
+                          f"train.micro_batch={cfg.train.micro_batch} (set it to {m} or 0 to resume)")
+    if batch % (m * world):
+        from engine.data.sampling import world_sizes
+
+        raise ConfigError(f"train.resume: {path} (global batch {batch}, micro-batch {m}, written by "
+                          f"{meta['world_size']} ranks) cannot continue at {world} ranks: {batch} is not a multiple "
+                          f"of {m} x {world}; world sizes that work: {', '.join(map(str, world_sizes(batch, m)))}")
+    return m, batch // (m * world)
+
+
+def head_param_names(optimizer: torch.optim.Optimizer, head: torch.nn.Module) -> dict[int, str]:
+    """{index in the optimizer's state dict: name in the head} of the head's parameters."""
+    names = {id(p): name for name, p in head.named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {i: names[id(p)] for i, p in enumerate(params) if id(p) in names}
 
 
 # =========================================================================== signals, files
@@ -438,8 +581,14 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_mod.load(args.preset, args.overrides, args.config)
         if args.print_config:
             print(to_json(cfg))
+            world = int(os.environ.get("WORLD_SIZE", "1"))
             try:
-                validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+                validate(cfg, world)
+                path = find_resume(cfg)
+                micro, accum = resumed_accumulation(cfg, world, path)
+                print(f"engine train: at {world} rank(s): micro-batch {micro} x {accum} accumulation step(s) per "
+                      f"rank, global batch {cfg.train.batch_size}"
+                      + (f"; resumes {path}" if path else ""), file=sys.stderr)
             except ConfigError as e:
                 print(f"engine train: this config would fail: {e}", file=sys.stderr)
             return 0

@@ -65,3 +65,21 @@ def backend_calls(monkeypatch):
                 return _impl(*args, **kwargs)
             monkeypatch.setattr(backend, "impl", counted)
     return calls
+
+
+@pytest.fixture(scope="session")
+def make_dataset(tmp_path_factory):
+    """make_dataset(name, n_images=..., vocab_size=..., seed=..., sides=(min, max), shard_size=...):
+    a built hashtag dataset of clean synthetic images (no broken files, duplicates or eval
+    lists), its directory path; for tests that train on data rather than test the builder."""
+    from engine.data import BuildConfig, build, synth
+
+    def make(name, *, n_images, vocab_size, seed, sides, shard_size):
+        root = tmp_path_factory.mktemp(name)
+        raw = synth(str(root / "raw"), n_images=n_images, vocab_size=vocab_size, seed=seed, min_side=sides[0],
+                    max_side=sides[1], bad_files=False, n_duplicates=0, n_eval=0, n_eval_overlap=0, progress=False)
+        build(BuildConfig(images=raw["images"], metadata=raw["metadata"], out=str(root / "ds"), vocab_size=vocab_size,
+                          synonyms=raw["synonyms"], shard_size=shard_size, workers=1, progress=False))
+        return str(root / "ds")
+
+    return make

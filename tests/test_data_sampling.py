@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from engine.data.sampling import (
-    EvalSequence, FeistelPermutation, TrainSequence, center_crop, random_resized_crop,
+    EvalSequence, FeistelPermutation, TrainSequence, center_crop, random_resized_crop, world_sizes,
 )
 
 
@@ -26,17 +26,43 @@ def _epoch_ids(seq, epoch):
 def test_shuffled_epochs_rank_disjoint_and_covering():
     n, b, w = 103, 5, 3
     seqs = [TrainSequence(n, b, r, w, seed=7) for r in range(w)]
-    assert all(s.steps_per_epoch == (n // w) // b for s in seqs)
+    assert all(s.steps_per_epoch == n // (w * b) for s in seqs)
     for epoch in (0, 1):
         ids = [_epoch_ids(s, epoch) for s in seqs]
         allids = np.concatenate(ids)
         assert len(set(allids.tolist())) == len(allids) == w * seqs[0].steps_per_epoch * b
         assert n - len(allids) < w * b  # only a short tail is left out
     assert not np.array_equal(_epoch_ids(seqs[0], 0), _epoch_ids(seqs[0], 1))
-    # The global order does not depend on the number of ranks.
-    one = TrainSequence(n, b, 0, 1, seed=7)
-    first = one.ids_at(0, np.arange(seqs[0].per_rank))
-    assert np.array_equal(first[: seqs[0].steps_per_epoch * b], _epoch_ids(seqs[0], 0))
+    # The global order does not depend on the number of ranks: step k is positions [k B, (k + 1) B).
+    one = TrainSequence(n, b * w, 0, 1, seed=7)
+    assert np.array_equal(one.batch(4).ids, np.concatenate([s.batch(4).ids for s in seqs]))
+
+
+@pytest.mark.parametrize("resample", [False, True])
+def test_micro_batches_of_a_step_do_not_depend_on_the_world_size(resample):
+    """Micro-batch j of step s: the same samples and crop uniforms at W = 1, 2, 4 (B = 32, m = 4),
+    with rank r running micro-batches r A .. r A + A - 1 of each step, A = B / (m W)."""
+    n, B, m = 200, 32, 4
+    cdf = np.cumsum(np.linspace(1, 3, n)) if resample else None
+
+    def steps(world):
+        seqs = [TrainSequence(n, m, r, world, seed=5, weights_cdf=cdf, global_batch=B) for r in range(world)]
+        accum = B // (m * world)
+        assert all(s.accum == accum and s.steps_per_epoch == (n // B) * accum for s in seqs)
+        out = []
+        for step in (0, 3, 7, 13):  # 6 steps an epoch: 7 and 13 are in later epochs
+            plans = [s.batch(step * accum + i) for s in seqs for i in range(accum)]
+            out.append((np.stack([p.ids for p in plans]), np.stack([p.positions for p in plans]),
+                        np.stack([seqs[0].uniforms(p.epoch, p.positions, 1, 41) for p in plans])))
+        return out
+
+    reference = steps(1)
+    for world in (2, 4):
+        for (ids, pos, u), (ids1, pos1, u1) in zip(steps(world), reference):
+            assert np.array_equal(ids, ids1) and np.array_equal(pos, pos1) and np.array_equal(u, u1)
+    with pytest.raises(ValueError, match="world sizes that work: 1, 2, 4, 8"):
+        TrainSequence(n, m, 0, 3, seed=5, global_batch=B)
+    assert world_sizes(B, m) == [1, 2, 4, 8]
 
 
 def test_resampled_epochs_follow_the_weights():

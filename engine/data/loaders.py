@@ -13,7 +13,10 @@ Batch contract (both backends, every loader):
 A loader iterates one epoch per `for batch in loader` (len(loader) batches),
 then the next epoch on the next `for`. `state_dict()` after any batch and
 `load_state_dict()` on a fresh loader (either backend) give exactly the batches
-that would have followed. See engine.data.sampling for the order and randomness.
+that would have followed. A training loader's position is the optimizer step
+(global_batch / (batch_size * world_size) of its batches make one), so a state
+saved at a step boundary loads into a loader of any world size with the same
+global batch and micro-batch. See engine.data.sampling for the order and randomness.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from engine.data.sampling import EvalSequence, TrainSequence
 from engine.data.sources import IMAGENET_MEAN, IMAGENET_STD, Augment, FolderSource, ShardSource, host_batch
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: a per-rank position in a world-size-dependent order
 _warned_fallback = False
 
 
@@ -122,10 +125,20 @@ class Loader:
         self._global = int(epoch) * self.seq.steps_per_epoch
 
     def state_dict(self) -> dict:
+        if self.kind != "train":
+            return {"version": STATE_VERSION, "kind": self.kind, "epoch": self.epoch, "step": self.step,
+                    **self.options}
+        step, micro = divmod(self._global, self.seq.accum)
+        # epoch and step (this rank's batches into the epoch) say where it is; global_step and micro
+        # restore it, at any world size.
         return {"version": STATE_VERSION, "kind": self.kind, "epoch": self.epoch, "step": self.step,
-                **self.options}
+                "global_step": step, "micro": micro, "accumulation": self.seq.accum, **self.options}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("version") == 1 and state.get("kind") == "train":
+            raise ValueError("loader state v1: written by an engine whose sample order depended on the world size; "
+                             "it cannot continue the same order here (start a new run from the weights with "
+                             "model.init, or resume with the engine version that wrote it)")
         if state.get("version") != STATE_VERSION or state.get("kind") != self.kind:
             raise ValueError(f"loader state of kind {state.get('kind')!r} v{state.get('version')} "
                              f"cannot restore a {self.kind!r} loader v{STATE_VERSION}")
@@ -133,7 +146,17 @@ class Loader:
         if diff:
             raise ValueError("loader state does not match this loader (saved, here): "
                              + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
-        self._global = int(state["epoch"]) * self.seq.steps_per_epoch + int(state["step"])
+        if self.kind != "train":
+            self._global = int(state["epoch"]) * self.seq.steps_per_epoch + int(state["step"])
+            return
+        if state["micro"] and state["accumulation"] != self.seq.accum:
+            raise ValueError(f"loader state: saved {state['micro']} micro-batches into a step, at another world "
+                             "size; only a state saved at a step boundary moves to another world size")
+        self.set_step(int(state["global_step"]), int(state["micro"]))
+
+    def set_step(self, step: int, micro: int = 0) -> None:
+        """Position at optimizer step `step` (plus `micro` of this rank's micro-batches)."""
+        self._global = step * self.seq.accum + micro
 
     # ---- iteration
     def __iter__(self) -> Iterator[dict]:
@@ -177,6 +200,7 @@ def make_train_loader(
     size: int = 224,
     resample: bool = True,
     samples_per_epoch: Optional[int] = None,
+    global_batch: Optional[int] = None,
     backend: str = "auto",
     layout: str = "NHWC",
     scale: tuple = (0.08, 1.0),
@@ -192,6 +216,10 @@ def make_train_loader(
     rank's share of a seeded epoch; resample=True draws it from the inverse-sqrt
     hashtag-frequency weights, resample=False is a shuffled pass.
 
+    batch_size is the micro-batch of one call; global_batch (default batch_size *
+    world_size) the optimizer step's batch, which this rank's global_batch /
+    (batch_size * world_size) consecutive batches are its share of (engine.data.sampling).
+
     backend: "dali" (GPU decode on a GPU device, CPU operators otherwise), "torch"
     (DataLoader workers, torchvision decode) or "auto" (DALI when installed).
     num_threads: DALI's CPU threads; num_workers: the PyTorch loader's processes
@@ -200,11 +228,12 @@ def make_train_loader(
     source = ShardSource(dataset_dir, max_tags=max_tags)
     seq = TrainSequence(source.n, batch_size, rank, world_size, seed,
                         weights_cdf=source.weights_cdf() if resample else None,
-                        samples_per_epoch=samples_per_epoch)
+                        samples_per_epoch=samples_per_epoch, global_batch=global_batch)
     aug = Augment(train=True, size=size, scale=tuple(scale), ratio=tuple(ratio), flip=flip)
-    options = {"seed": seed, "rank": rank, "world_size": world_size, "batch_size": batch_size,
-               "num_samples": source.n, "resample": resample, "samples_per_epoch": seq.length,
-               "dataset": source.dataset.meta.get("plan")}
+    # What fixes the sample order and the crops; the rank and world size do not.
+    options = {"seed": seed, "batch_size": batch_size, "global_batch": seq.global_batch, "num_samples": source.n,
+               "resample": resample, "samples_per_epoch": seq.length, "size": size, "scale": list(scale),
+               "ratio": list(ratio), "flip": flip, "dataset": source.dataset.meta.get("plan")}
     return Loader(source, seq, aug, batch_size=batch_size, device=device, dtype=dtype, backend=backend,
                   layout=layout, kind="train", options=options, num_threads=num_threads, num_workers=num_workers,
                   hw_decoder_load=hw_decoder_load, prefetch=prefetch)
@@ -280,7 +309,7 @@ def make_imagefolder_loader(
     if train:
         seq = TrainSequence(source.n, batch_size, rank, world_size, seed)
         aug = Augment(train=True, size=size, scale=tuple(scale), ratio=tuple(ratio))
-        options = {"seed": seed, "rank": rank, "world_size": world_size, "batch_size": batch_size,
+        options = {"seed": seed, "batch_size": batch_size, "global_batch": seq.global_batch,
                    "num_samples": source.n}
         loader = Loader(source, seq, aug, batch_size=batch_size, device=device, dtype=dtype, backend=backend,
                         layout=layout, kind="train", options=options, num_threads=num_threads,

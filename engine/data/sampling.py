@@ -7,8 +7,13 @@ computed in numpy on the host, so that
   exactly the batches that would have come next (no pipeline RNG to restore);
 - the DALI and the PyTorch loaders read the same samples with the same crop
   windows and flips, and can be compared image by image;
-- the global order of an epoch does not depend on the number of ranks: rank r of
-  W reads the contiguous positions [r * P, (r + 1) * P) of it, P = L // W.
+- a training step does not depend on the number of ranks: with global batch B
+  and micro-batch m, step k of an epoch is positions [k * B, (k + 1) * B), its
+  micro-batch j is positions [k * B + j * m, k * B + (j + 1) * m), and rank r of
+  W reads micro-batches j = r * A .. r * A + A - 1, A = B / (m * W) accumulation
+  steps. Samples, crops and flips are functions of positions, so micro-batch j
+  of step s is the same m images, cropped the same way, at any W (and each
+  per-GPU batch norm sees the same m images).
 
 Training epochs (length L = samples_per_epoch, default the dataset size N):
 
@@ -19,8 +24,8 @@ Training epochs (length L = samples_per_epoch, default the dataset size N):
   permutation of [0, N) (a Feistel network with cycle walking): each sample
   exactly once, O(1) memory, random access.
 
-Each rank's epoch has P // B full batches (a short tail is dropped, so all ranks
-take the same number of steps). Evaluation reads each rank's contiguous slice of
+An epoch has L // B full steps (a short tail is dropped); a rank reads
+A * (L // B) micro-batches of it. Evaluation reads each rank's contiguous slice of
 [0, N) once, in order, the last batch possibly short.
 
 Crop windows follow torchvision's RandomResizedCrop.get_params (10 attempts with
@@ -91,25 +96,35 @@ class BatchPlan:
 
 
 class TrainSequence:
-    """The training sample sequence of one rank (module docstring)."""
+    """The training micro-batches of one rank (module docstring). `batch_size` is the
+    micro-batch m one call of batch() returns; `global_batch` the optimizer step's B
+    (default m * world_size: no accumulation)."""
 
     def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int,
-                 weights_cdf: Optional[np.ndarray] = None, samples_per_epoch: Optional[int] = None):
+                 weights_cdf: Optional[np.ndarray] = None, samples_per_epoch: Optional[int] = None,
+                 global_batch: Optional[int] = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.n = n
         self.batch_size = batch_size
+        self.global_batch = int(global_batch or batch_size * world_size)
+        if self.global_batch % (batch_size * world_size):
+            raise ValueError(f"a global batch of {self.global_batch} does not split into micro-batches of "
+                             f"{batch_size} on {world_size} ranks; world sizes that work: "
+                             f"{', '.join(map(str, world_sizes(self.global_batch, batch_size)))}")
+        self.accum = self.global_batch // (batch_size * world_size)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.cdf = None if weights_cdf is None else np.asarray(weights_cdf, dtype=np.float64)
         self.length = int(samples_per_epoch) if samples_per_epoch else n
-        self.per_rank = self.length // world_size
-        self.steps_per_epoch = self.per_rank // batch_size
+        self.global_steps_per_epoch = self.length // self.global_batch
+        self.steps_per_epoch = self.global_steps_per_epoch * self.accum
         if self.steps_per_epoch < 1:
             raise ValueError(
-                f"an epoch of {self.length} samples over {world_size} ranks gives rank {rank} fewer than "
-                f"one batch of {batch_size}; lower batch_size or raise samples_per_epoch"
+                f"an epoch of {self.length} samples gives fewer than one batch: a global batch of {self.global_batch} "
+                f"({world_size} rank(s) x micro-batch {batch_size} x {self.accum}); lower batch_size or raise "
+                "samples_per_epoch"
             )
         self._perm: dict[int, FeistelPermutation] = {}
         self._blocks: dict[tuple, np.ndarray] = {}
@@ -147,11 +162,24 @@ class TrainSequence:
             perm = self._perm[epoch]
         return perm(positions % self.n)
 
+    def positions(self, step: int, micro: int) -> tuple[int, np.ndarray]:
+        """(epoch, positions) of micro-batch `micro` of optimizer step `step` (any rank's)."""
+        epoch, k = divmod(step, self.global_steps_per_epoch)
+        start = k * self.global_batch + micro * self.batch_size
+        return epoch, np.arange(start, start + self.batch_size, dtype=np.int64)
+
     def batch(self, global_step: int) -> BatchPlan:
-        epoch, step = divmod(global_step, self.steps_per_epoch)
-        start = self.rank * self.per_rank + step * self.batch_size
-        positions = np.arange(start, start + self.batch_size, dtype=np.int64)
-        return BatchPlan(self.ids_at(epoch, positions), positions, epoch, step)
+        """This rank's micro-batch number `global_step` (A of them per optimizer step)."""
+        step, i = divmod(global_step, self.accum)
+        epoch, positions = self.positions(step, self.rank * self.accum + i)
+        return BatchPlan(self.ids_at(epoch, positions), positions, epoch, global_step % self.steps_per_epoch)
+
+
+def world_sizes(global_batch: int, micro_batch: int, limit: int = 4096) -> list[int]:
+    """The world sizes W at which a global batch splits into micro-batches: B % (m * W) == 0."""
+    if micro_batch < 1 or global_batch % micro_batch:
+        return []
+    return [w for w in range(1, min(limit, global_batch // micro_batch) + 1) if global_batch % (micro_batch * w) == 0]
 
 
 class EvalSequence:

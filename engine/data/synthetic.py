@@ -278,3 +278,54 @@ def synth_imagefolder(out_dir: str, num_classes: int = 3, per_class: int = 6, se
             with open(os.path.join(d, "%03d.%s" % (n, "png" if n == 0 else "jpg")), "wb") as f:
                 f.write(data)
     return out_dir
+
+
+class SyntheticMicroBatches:
+    """Random training input already on the device, for throughput runs without an input
+    pipeline: micro-batch j of every optimizer step is drawn from a generator seeded by
+    (seed, j) alone, on the CPU, so that rank r of W holds exactly the micro-batches
+    r * A .. r * A + A - 1 (A = global_batch / (micro_batch * W)) that a run at any other
+    world size holds; the step is the same at every W. The same A micro-batches repeat
+    each step (nothing is drawn in the loop). Batches follow engine.data.loaders' contract."""
+
+    def __init__(self, *, global_batch: int, micro_batch: int, rank: int, world_size: int, seed: int,
+                 image_size: int, vocab_size: int, tags_per_image: int, device, dtype, channels_last: bool = True):
+        import torch
+
+        if global_batch % (micro_batch * world_size):
+            raise ValueError(f"a global batch of {global_batch} does not split into micro-batches of {micro_batch} "
+                             f"on {world_size} ranks")
+        self.global_batch, self.micro_batch = global_batch, micro_batch
+        self.accum = global_batch // (micro_batch * world_size)
+        self.seed = seed
+        self.tag_width = tags_per_image
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.batches = []
+        for j in range(rank * self.accum, (rank + 1) * self.accum):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + j)
+            images = torch.randn(micro_batch, 3, image_size, image_size, generator=g)
+            tags = torch.randint(0, vocab_size, (micro_batch, tags_per_image), generator=g, dtype=torch.int32)
+            keep = torch.rand(micro_batch, tags_per_image, generator=g) < 0.6
+            keep[:, 0] = True
+            self.batches.append({"images": images.to(device, dtype).contiguous(memory_format=fmt),
+                                 "tags": torch.where(keep, tags, -1).to(device)})
+        self._global = 0  # micro-batches handed out
+
+    def __iter__(self):
+        while True:
+            batch = self.batches[self._global % self.accum]
+            self._global += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        step, micro = divmod(self._global, self.accum)
+        return {"kind": "synthetic", "version": 2, "global_step": step, "micro": micro, "seed": self.seed,
+                "global_batch": self.global_batch, "batch_size": self.micro_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != 2:  # v1: a per-rank batch; the data position is the step anyway
+            return
+        self.set_step(int(state["global_step"]), int(state["micro"]) if state.get("micro") else 0)
+
+    def set_step(self, step: int, micro: int = 0) -> None:
+        self._global = step * self.accum + micro
