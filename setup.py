@@ -1,7 +1,8 @@
 """Builds the optional extension engine._C from csrc/.
 
 - CUDA sources are compiled when torch is a CUDA build and a CUDA toolkit is found
-  (CUDA_HOME, else /usr/local/cuda); otherwise the extension is C++ only.
+  (CUDA_HOME, else /usr/local/cuda, else the toolkit of the nvcc on PATH); otherwise the
+  extension is C++ only, and says why.
 - ENGINE_SKIP_EXT=1 builds no extension: the package still imports and trains.
 - MAX_JOBS bounds parallel compilation (torch's ninja builder reads it).
 - TORCH_CUDA_ARCH_LIST defaults to Hopper (sm_90, H100/H200) plus PTX for newer GPUs.
@@ -9,6 +10,8 @@
 
 import glob
 import os
+import shutil
+import subprocess
 
 from setuptools import setup
 
@@ -25,7 +28,24 @@ def cuda_home():
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if not home and os.path.exists("/usr/local/cuda/bin/nvcc"):
         home = "/usr/local/cuda"
+    if not home and shutil.which("nvcc"):
+        home = nvcc_toolkit(shutil.which("nvcc"))
     return home
+
+
+def nvcc_toolkit(nvcc):
+    """The toolkit root of an nvcc found on PATH, as nvcc itself reports it (its TOP): the
+    path may be a link or a wrapper script (/usr/local/bin/nvcc execs a versioned toolkit's),
+    and a guessed root (torch guesses nvcc's grandparent, /usr/local) has no libcudart."""
+    try:
+        dry = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in (dry.stdout + dry.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            return os.path.realpath(line[len("#$ TOP="):].strip())
+    return None
 
 
 def extensions():

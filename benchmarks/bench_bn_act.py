@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from benchmarks.common import (compile_fresh, compiled_frames, environment, peers_at_best, plot_results, row_settings,
-                               time_ms, write_json)
+from benchmarks.common import (DispatchRecord, compile_fresh, compiled_frames, environment, peers_at_best,
+                               plot_results, row_settings, time_ms, write_json)
 from engine.ops import BackendUnavailableError, bn_act
 
 # (name, N, C, H, W): batch 256, the bottleneck width (= output channels for 32x8d) per stage.
@@ -93,6 +93,7 @@ def main(argv=None) -> int:
                     inputs = [x, w, b] + ([res] if res is not None else [])
                     torch.autograd.grad(forward(), inputs, grad)
 
+                record = DispatchRecord()
                 try:
                     with torch.no_grad():
                         fwd = time_ms(forward, warmup=warmup, repeat=repeat)
@@ -101,10 +102,12 @@ def main(argv=None) -> int:
                         row["settings"].update(compiled_frames())
                 except (BackendUnavailableError, RuntimeError) as e:
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                    row.update(record.fields())
                     print(f"{stage} {epilogue:<12} {name:<20} skipped: {row['error']}", flush=True)
                     payload["results"].append(row)
                     write_json(args.out, payload)
                     continue
+                row.update(record.fields())
                 row.update(fwd_ms=fwd, fwd_bwd_ms=both, bwd_ms=max(both - fwd, 0.0),
                            fwd_gb_per_s=fwd_bytes / fwd / 1e6, fwd_bwd_gb_per_s=(fwd_bytes + bwd_bytes) / both / 1e6)
                 if name == "eager":

@@ -37,8 +37,8 @@ if ARGS is not None and ARGS.smoke:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import (compile_fresh, compiled_frames, environment, peers_at_best, plot_results,  # noqa: E402
-                               row_settings, time_ms, write_json)
+from benchmarks.common import (DispatchRecord, compile_fresh, compiled_frames, environment, peers_at_best,  # noqa: E402
+                               plot_results, row_failed, row_settings, time_ms, write_json)
 from engine.models import ConvBNBottleneck  # noqa: E402
 
 # name -> (cardinality, base width)
@@ -130,6 +130,7 @@ def main(argv=None) -> int:
                         block.zero_grad(set_to_none=True)
                         forward(block).backward(grad)
 
+                    record = DispatchRecord()
                     try:
                         with torch.no_grad():
                             row["max_abs_diff_vs_eager"] = (forward().float() - reference.float()).abs().max().item()
@@ -139,11 +140,13 @@ def main(argv=None) -> int:
                             row["settings"].update(compiled_frames())
                     except (RuntimeError, ValueError) as e:  # a backend that cannot run here, out of memory
                         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-                        print(f"{arch} {stage} {kind:<5} {name:<20} skipped: {row['error']}", flush=True)
+                        row.update(record.fields())
+                        print(f"{arch} {stage} {kind:<5} {name:<20} failed: {row['error']}", flush=True)
                         payload["results"].append(row)
                         write_json(args.out, payload)
                         continue
                     times[name] = both
+                    row.update(record.fields())
                     row.update(fwd_ms=fwd, fwd_bwd_ms=both, bwd_ms=max(both - fwd, 0.0),
                                images_per_s=batch / both * 1e3, speedup_vs_eager=times["eager"] / both)
                     compiled = times.get(f"compile[{compile_backend}]")
@@ -160,7 +163,10 @@ def main(argv=None) -> int:
     plot_results(args.out, f"bottleneck block fwd+bwd, {payload['environment']['device']}, {payload['dtype']}",
                  payload["results"], group=lambda r: f"{r['arch']} {r['stage']} {r['kind']}",
                  series=lambda r: r["impl"], value="fwd_bwd_ms", ylabel="ms")
-    return 0
+    failed = [r for r in payload["results"] if row_failed(r)]
+    if failed:
+        print(f"{len(failed)} rows failed (error or failed check)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ if ARGS is not None and ARGS.smoke:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import environment, plot_results, time_ms, write_json  # noqa: E402
+from benchmarks.common import (DispatchRecord, environment, peers_at_best, plot_results, time_ms,  # noqa: E402
+                               write_json)
 from engine.kernels import grouped_conv as K  # noqa: E402
 from engine.ops import backends  # noqa: E402
 from engine.ops.grouped_conv import grouped_conv3x3  # noqa: E402
@@ -74,6 +75,9 @@ def main(argv=None) -> int:
                "note": "gb_per_s counts input + output + weight once; tflops counts useful products only",
                "results": []}
     element = torch.finfo(dtype).bits // 8
+    # cuDNN at its best: the Triton kernels are autotuned per shape, so cuDNN picks its algorithms too.
+    peers_at_best()
+    payload["cudnn_benchmark"] = torch.backends.cudnn.benchmark
 
     for arch, (groups, base_width, batch) in archs.items():
         for stage, mult, res in stages:
@@ -204,9 +208,11 @@ def _record_dispatch(payload, out, base, x, weight, grad, stride, groups, warmup
                                               ("fwd+bwd", cudnn_train, "cudnn[nhwc]", train_bytes, 3 * flops),
                                               ("fwd+bwd", auto_train, "engine[auto]", train_bytes, 3 * flops)):
         row = dict(base, direction=direction, impl=impl)
+        record = DispatchRecord()
         _record(payload, out, row, fn, warmup, repeat, nbytes, work)
         if impl == "engine[auto]":
-            row["backend"] = grouped_conv3x3.last_decision.backend
+            row.update(record.fields())
+            row["backend"] = row["backends"].get("grouped_conv3x3")
             write_json(out, payload)
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 MB = 1 << 20
 # The compiled peer: inductor, the backend users compile with.
@@ -68,8 +69,8 @@ if ARGS.smoke:
 
 import torch  # noqa: E402
 
-from benchmarks.common import (REPO, compile_fresh, compiled_frames, environment, peers_at_best,  # noqa: E402
-                               row_settings, time_ms, write_json)
+from benchmarks.common import (REPO, DispatchRecord, compile_fresh, compiled_frames, environment,  # noqa: E402
+                               peers_at_best, row_failed, row_settings, time_ms, write_json)
 from engine.ops import hashtag_ce  # noqa: E402
 from engine.ops import REGISTRY  # noqa: E402
 from engine.ops.hashtag_ce import target_weights  # noqa: E402
@@ -193,6 +194,7 @@ def main():
             row = {"B": b, "V": v, "K": k, "method": method}
             torch.manual_seed(0)
             x, weight, tags = make_inputs(b, v, args.dim, k, dtype, device)
+            record = DispatchRecord()
             step = build_step(method, x, weight, tags)
             if isinstance(step, str):
                 row["skipped"] = step
@@ -209,6 +211,7 @@ def main():
                     row["skipped"] = f"out of memory: {str(e).splitlines()[0]}"
                 except Exception as e:  # a peer failing must not lose the other measurements
                     row["error"] = f"{type(e).__name__}: {e}"
+                row.update(record.fields())
             del x, weight, tags, step
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -216,9 +219,12 @@ def main():
             print(json.dumps(row), flush=True)
             write_json(out, payload)
     payload["targets"] = evaluate_targets(payload["results"]) if device.type == "cuda" else []
+    failed = [r for r in payload["results"] if row_failed(r)]
+    payload["failed_rows"] = len(failed)
     write_json(out, payload)
-    print(f"wrote {out}")
+    print(f"wrote {out}" + (f"; {len(failed)} rows failed (error or failed check)" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

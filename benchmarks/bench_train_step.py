@@ -13,7 +13,8 @@ from dataclasses import asdict
 
 import torch
 
-from benchmarks.common import environment, peers_at_best, plot_results, row_settings, write_json
+from benchmarks.common import (DispatchRecord, environment, peers_at_best, plot_results, row_failed, row_settings,
+                               write_json)
 from engine.bench import VARIANTS, measure
 
 # (model, batch): the design's peer measurements on one H200 and the fused bottleneck's
@@ -49,6 +50,7 @@ def main(argv=None) -> int:
             compiled = settings["compile_backend"] if variant.endswith("-compile") else None
             row_config = row_settings(warmup=settings["warmup"], repeats=settings["steps"], compile=compiled,
                                       dynamic=False if compiled else None)
+            record = DispatchRecord()
             try:
                 result = asdict(measure(variant, model, batch_size=batch, **settings))
                 row_config.update(frames_compiled=result.pop("frames_compiled"),
@@ -64,12 +66,17 @@ def main(argv=None) -> int:
                 print(f"{model} b{batch} {variant:<20} failed: {row['error']}", flush=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            row.update(record.fields())
             payload["results"].append(row)
             write_json(args.out, payload)
     plot_results(args.out, f"training step, {payload['environment']['device']}", payload["results"],
                  group=lambda r: f"{r['model']} b{r['batch_size']}", series=lambda r: r["variant"],
                  value="images_per_s", ylabel="images/s")
-    return 0
+    failed = [r for r in payload["results"] if row_failed(r)]
+    if failed:
+        print(f"{len(failed)} rows failed (error or failed check): "
+              f"{', '.join(r['model'] + ' ' + r['variant'] for r in failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

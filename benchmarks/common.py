@@ -56,6 +56,30 @@ def row_settings(*, warmup: int, repeats: int, compile: Optional[str] = None, dy
             "warmup": warmup, "repeats": repeats, **extra}
 
 
+class DispatchRecord:
+    """What served a benchmark row's op calls: the backend of each fused op's last call (its
+    decision) and every check that failed during the row, whose calls the reference served
+    instead. Without it a failed kernel is measured as the reference and reads as the kernel."""
+
+    def __init__(self):
+        from engine.ops import REGISTRY, verify
+        self._ops, self._verify = REGISTRY, verify
+        for op in REGISTRY.values():
+            op.last_decision = None
+        self._failed_before = set(verify.failed_verdicts())
+
+    def fields(self) -> dict:
+        backends = {name: op.last_decision.backend + (" (forced)" if op.last_decision.forced else "")
+                    for name, op in self._ops.items() if op.last_decision is not None}
+        failed = {k: v for k, v in self._verify.failed_verdicts().items() if k not in self._failed_before}
+        return {"backends": backends, **({"failed_checks": failed} if failed else {})}
+
+
+def row_failed(row: dict) -> bool:
+    """A row that counts against the run: it errored, or a check failed so the reference ran."""
+    return "error" in row or bool(row.get("failed_checks"))
+
+
 def write_json(path: str | os.PathLike, payload: dict) -> None:
     """Atomic: a reader never sees a half-written file."""
     path = Path(path)

@@ -19,6 +19,9 @@ def _map_source_kernels() -> None:
                                                        submodule_search_locations=[str(init.parent)])
         module = _importlib_util.module_from_spec(spec)
         _sys.modules["engine.kernels"] = module
+        # The import system binds a submodule to its parent; a hand-made one must be bound here
+        # (`engine.kernels.x` by attribute, as torch.compile's tracing resolves it).
+        globals()["kernels"] = module
         spec.loader.exec_module(module)
 
 

@@ -9,12 +9,14 @@ import inspect
 import json
 import math
 import os
+import sys
 from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
 
 from engine import checkpoint as ckpt_mod
+from engine.architectures import ARCHITECTURES
 from engine.config import Config, ConfigError, accumulation, validate
 from engine.distributed import DistInfo, SumHookState, sum_allreduce_hook
 
@@ -201,9 +203,7 @@ def lr_lambda(cfg: Config):
 def tag_width(loader) -> Optional[int]:
     """Tags per image in the loader's batches (their [micro, K] int32 tensor's K), or None
     when the loader does not say."""
-    if isinstance(loader, SyntheticBatches):
-        return loader.tags.shape[1]
-    return getattr(getattr(loader, "source", None), "max_tags", None)
+    return getattr(loader, "tag_width", None) or getattr(getattr(loader, "source", None), "max_tags", None)
 
 
 def wrap_trunk(cfg: Config, trunk: nn.Module, d: DistInfo, device: torch.device, micro: int,
@@ -215,6 +215,8 @@ def wrap_trunk(cfg: Config, trunk: nn.Module, d: DistInfo, device: torch.device,
     m = cfg.model
     # Before the fused blocks' tuning too: the grouped 3x3 is timed against cuDNN at its best.
     torch.backends.cudnn.benchmark = m.cudnn_benchmark
+    if device.type == "cuda":
+        trunk = fused_or_plain(cfg, trunk, device, micro, amp_dtype)
     if m.sync_bn and d.world > 1:
         trunk = nn.SyncBatchNorm.convert_sync_batchnorm(trunk, process_group=d.group)
     trunk.train()
@@ -252,48 +254,27 @@ def wrap_trunk(cfg: Config, trunk: nn.Module, d: DistInfo, device: torch.device,
     return model, ddp
 
 
-class SyntheticBatches:
-    """One fixed random batch, already on the device, handed out again and again: the same
-    step as training on real data, without the input pipeline (benchmarks)."""
+def fused_or_plain(cfg: Config, trunk: nn.Module, device: torch.device, micro: int, amp_dtype: torch.dtype
+                   ) -> nn.Module:
+    """The trunk, or, when its fused blocks fail one whole training step against the plain
+    model on this device (engine.models.warmup.whole_step_verdict, at the run's micro-batch
+    and image size), a plain trunk holding its very parameters and buffers (the optimizer
+    and checkpoints built over `trunk` carry on), with a message saying why."""
+    from engine.models.warmup import fused_mode, share_state, whole_step_verdict
 
-    def __init__(self, cfg: Config, d: DistInfo, device: torch.device, micro: int, dtype: torch.dtype, vocab: int):
-        g = torch.Generator().manual_seed(cfg.train.seed * 7919 + d.rank)
-        s = cfg.data.image_size
-        fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-        self.images = torch.randn(micro, 3, s, s, generator=g).to(device, dtype).contiguous(memory_format=fmt)
-        k = max(1, cfg.data.max_tags or 3)
-        tags = torch.randint(0, vocab, (micro, k), generator=g, dtype=torch.int32)
-        keep = torch.rand(micro, k, generator=g) < 0.6
-        keep[:, 0] = True
-        self.tags = torch.where(keep, tags, -1).to(device)
-        self.steps = 0
-
-    def __iter__(self):
-        while True:
-            self.steps += 1
-            yield {"images": self.images, "tags": self.tags}
-
-    def state_dict(self) -> dict:
-        return {"kind": "synthetic", "steps": self.steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.steps = int(state.get("steps", 0))
-
-
-def build_loader(cfg: Config, d: DistInfo, device: torch.device, micro: int, amp_dtype: torch.dtype, vocab: int):
-    if cfg.data.synthetic:
-        return SyntheticBatches(cfg, d, device, micro, amp_dtype, vocab)
-    from engine.data.loaders import make_train_loader
-
-    dc = cfg.data
-    # bf16 input on a GPU under bf16 autocast (the first conv reads half the bytes); fp32 otherwise.
-    dtype = amp_dtype if device.type == "cuda" and amp_dtype != torch.float32 else torch.float32
-    return make_train_loader(
-        dc.dataset, micro, rank=d.rank, world_size=d.world, seed=cfg.train.seed, device=device, dtype=dtype,
-        size=dc.image_size, resample=dc.resample, samples_per_epoch=dc.samples_per_epoch or None,
-        backend=dc.backend, layout="NCHW", scale=(dc.scale_min, 1.0), max_tags=dc.max_tags or None,
-        num_threads=dc.num_threads or None, num_workers=None if dc.num_workers < 0 else dc.num_workers,
-        hw_decoder_load=dc.hw_decoder_load, prefetch=dc.prefetch)
+    mode = fused_mode(trunk)
+    if mode is None:
+        return trunk
+    m = cfg.model
+    groups, width = (m.groups, m.width_per_group) if m.name == "custom" else ARCHITECTURES[m.name][1:]
+    verdict = whole_step_verdict(mode, groups, width, micro, cfg.data.image_size, device, amp_dtype,
+                                 channels_last=m.channels_last)
+    if verdict["status"] == "pass":
+        return trunk
+    print(f"[engine] the fused blocks (fused={mode}) failed one whole training step against the plain model on "
+          f"{device} ({verdict['status']}: {verdict.get('detail', '')}); training with plain blocks instead "
+          "(model.fused=none skips this check)", file=sys.stderr)
+    return share_state(trunk, build_trunk(cfg, fused=False))
 
 
 def iter_forever(loader) -> Iterator[dict]:

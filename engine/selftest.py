@@ -4,7 +4,8 @@ the fused models against the plain model. Every check runs in a child process
 (engine.ops.verify), so a kernel that crashes is reported and the run goes on.
 
 Prints a table (op, backend, dtype, shape, pass / mismatch / error / crash / skip, max
-error, seconds) and writes it as JSON with --out; exits 1 if anything failed. On a GPU
+error, seconds) and writes it as JSON with --out, rewritten as each row settles (a run
+killed at a deadline keeps what it checked); exits 1 if anything failed. On a GPU
 the default shapes are ResNeXt-101 32x8d's at batch 2, 224 px; on a CPU a small plan
 (Triton's interpreter and the extension's C++ loop) that runs in a few minutes.
 """
@@ -287,20 +288,39 @@ def run(args: argparse.Namespace) -> int:
             where.append(len(rows) - 1)
     print(f"[engine] selftest: {len(jobs)} checks on {device} ({plan.name}, batch {plan.batch}, {plan.size} px)",
           file=sys.stderr)
-    for i, result in zip(where, verify.run_jobs(jobs)):
-        row = rows[i]
+    header = None
+    if args.out:
+        from engine.info import collect
+        header = {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+                  "made_on": device, "plan": asdict(plan), "dtypes": dtypes, "info": collect()}
+        _write(args.out, header, rows, finished=False)
+
+    def settled(job: int, result: dict) -> None:
+        row = rows[where[job]]
         row.status, row.max_error, row.seconds = result["status"], result.get("max_error"), result.get("seconds")
         row.detail = result.get("detail", "")
+        print(format_table([row]).splitlines()[1], file=sys.stderr, flush=True)
+        if header is not None:
+            # Each row on disk as it settles: a run killed at a deadline keeps every verdict it reached.
+            _write(args.out, header, rows, finished=False)
+
+    verify.run_jobs(jobs, on_result=settled)
     print(format_table(rows))
     failed = [r for r in rows if r.status in verify.FAILED]
     passed = sum(r.status == "pass" for r in rows)
     skipped = sum(r.status == "skip" for r in rows)
     print(f"{passed} passed, {len(failed)} failed, {skipped} skipped in {time.perf_counter() - start:.1f} s")
-    if args.out:
-        from engine.info import collect
-        payload = {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
-                   "made_on": device, "plan": asdict(plan), "dtypes": dtypes, "info": collect(),
-                   "rows": [asdict(r) for r in rows], "failed": len(failed)}
-        with open(args.out, "w") as f:
-            json.dump(payload, f, indent=1)
+    if header is not None:
+        _write(args.out, header, rows, finished=True)
     return 1 if failed else 0
+
+
+def _write(path: str, header: dict, rows: list[Row], finished: bool) -> None:
+    """The JSON, atomically (a reader never sees half a file): rows not yet run say status "?"."""
+    from engine.ops.verify import FAILED
+    failed = sum(r.status in FAILED for r in rows)
+    payload = header | {"rows": [asdict(r) for r in rows], "failed": failed, "finished": finished}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)

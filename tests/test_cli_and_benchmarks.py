@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 from engine.cli import main
@@ -70,7 +71,8 @@ def test_gpu_check_smoke_mode(tmp_path):
     assert e2e["real"]["page_cache"].startswith("dropped")
     data_run = stages["bench_data"]["results"]["runs"][0]
     assert data_run["settings"]["warmup_batches"] >= 2 * data_run["threads"] + 2 and "page_cache" in data_run["settings"]
-    assert (tmp_path / "gpu_check.bench_bn_act.png").exists()
+    assert "bench_bn_act.png" in zipfile.ZipFile(tmp_path / "gpu_check.plots.zip").namelist()
+    assert len(list(tmp_path.iterdir())) <= 8
     assert {"bench_hashtag_ce", "bench_data", "bench_conv_bn", "bench_grouped_conv", "bench_train_e2e",
             "bench_train_step_fused", "bench_loss_tracking"} <= set(stages)
     assert stages["selftest"]["rc"] == 0 and stages["selftest"]["results"]
@@ -88,7 +90,7 @@ def test_gpu_check_never_attaches_an_earlier_runs_results(tmp_path, monkeypatch,
     out = tmp_path / "gpu_check.json"
     stale = {"benchmark": "earlier run", "results": [{"ms": 1.0}]}
     for name in ("crashes", "writes"):
-        out.with_name(f"gpu_check.{name}.json").write_text(json.dumps(stale))
+        out.with_name(f"gpu_check.running.{name}.json").write_text(json.dumps(stale))
     write = "import json, sys; json.dump({'benchmark': 'this run'}, open(sys.argv[1], 'w'))"
     monkeypatch.setattr(gpu_check, "STAGES", [
         gpu_check.Stage("crashes", (), [sys.executable, "-c", "raise SystemExit(3)"], 60),
@@ -97,7 +99,7 @@ def test_gpu_check_never_attaches_an_earlier_runs_results(tmp_path, monkeypatch,
     assert gpu_check.main(["--out", str(out)]) == 1
     stages = json.loads(out.read_text())["stages"]
     assert stages["crashes"]["rc"] == 3 and "results" not in stages["crashes"]
-    assert not out.with_name("gpu_check.crashes.json").exists()
+    assert not out.with_name("gpu_check.running.crashes.json").exists()
     assert stages["writes"]["rc"] == 0 and stages["writes"]["results"] == {"benchmark": "this run"}
 
 

@@ -3,6 +3,7 @@ extension's C++ loop) against its reference at a small model's shapes, one fused
 training step, and two injected test doubles, a wrong backend and one that kills its
 process, which must both be reported while the run goes on."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -48,3 +49,27 @@ def test_selftest_catches_a_wrong_and_a_crashing_backend_and_goes_on(tmp_path, e
     assert all(r["max_error"] is not None and r["seconds"] is not None for r in real)
     # The table on stdout says the same.
     assert "crash" in proc.stdout and "mismatch" in proc.stdout and "failed" in proc.stdout.splitlines()[-1]
+
+
+def test_selftest_json_holds_each_row_as_it_settles(tmp_path, monkeypatch):
+    """A run killed after its first check leaves that verdict on disk, the rest still pending."""
+    from engine import selftest
+    from engine.ops import verify
+
+    out = tmp_path / "selftest.json"
+    seen = []
+
+    def first_then_killed(jobs, on_result=None, **_):
+        on_result(0, {"status": "mismatch", "max_error": 0.5, "seconds": 0.1, "detail": "off"})
+        seen.append(json.loads(out.read_text()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(verify, "run_jobs", first_then_killed)
+    parser = argparse.ArgumentParser()
+    selftest.add_arguments(parser)
+    with pytest.raises(KeyboardInterrupt):
+        selftest.run(parser.parse_args(["--dtypes", "float32", "--no-model-step", "--out", str(out)]))
+    rows = seen[0]["rows"]
+    assert rows[0]["status"] == "mismatch" and rows[0]["max_error"] == 0.5
+    assert {r["status"] for r in rows[1:]} <= {"?", "skip"} and "?" in {r["status"] for r in rows[1:]}
+    assert seen[0]["failed"] == 1 and seen[0]["finished"] is False

@@ -181,8 +181,11 @@ def test_run_jobs_contains_crashes_and_goes_on(doubles):
     x, w = _inputs()
     jobs = [verify.check_job("double_wrong", b, (x, w), {}) for b in ("triton", "cuda", "reference", "cuda")]
     jobs.insert(2, verify.check_job("double_grads", "triton", (x, w), {}))
-    results = verify.run_jobs(jobs)
+    heard = []
+    results = verify.run_jobs(jobs, on_result=lambda i, r: heard.append((i, r["status"])))
     assert [r["status"] for r in results] == ["mismatch", "crash", "pass", "pass", "crash"]
+    # Each result as it settles, the crashes included, in order: selftest writes its JSON from these.
+    assert heard == list(enumerate(r["status"] for r in results))
     assert "SIGABRT" in results[1]["detail"]
     assert results[2]["max_error"] < 1e-6 and results[2]["checked"] == {"output": 1, "gradient": 2,
                                                                         "updated input": 0}
@@ -398,3 +401,74 @@ def test_warm_up_checks_the_head_with_the_trunk_in_one_child(monkeypatch, tmp_pa
     assert bn_act.last_decision.backend != "reference", bn_act.last_decision
     assert head.weight.grad is not None and head.empty_rows.item() == 1
     verify.forget_memory()
+
+
+def test_the_whole_step_check_passes_a_sound_fused_model_and_leaves_the_random_state():
+    from engine.models.warmup import whole_step_verdict
+
+    state = torch.random.get_rng_state()
+    verdict = whole_step_verdict("bn_act", 2, 8, 4, 32, torch.device("cpu"), torch.float32)
+    assert verdict["status"] == "pass", verdict
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_fused_blocks_that_fail_the_whole_step_give_way_to_plain_blocks_on_the_same_state(monkeypatch, capsys):
+    """The optimizer and checkpoints hold the fused trunk: the plain trunk must train those very tensors."""
+    from engine import builders
+    from engine.config import load
+    from engine.models import Bottleneck, warmup
+
+    cfg = load(overrides=["model.name=custom", "model.layers=[1,1,1,1]", "model.groups=2",
+                          "model.width_per_group=8", "model.fused=bn_act", "data.image_size=32"])
+    trunk = builders.build_trunk(cfg)
+    optimizer = torch.optim.SGD(trunk.parameters(), lr=0.1)
+    seen = []
+    monkeypatch.setattr(warmup, "whole_step_verdict", lambda *a, **k: seen.append(a) or {"status": "pass"})
+    assert builders.fused_or_plain(cfg, trunk, torch.device("cpu"), 8, torch.bfloat16) is trunk
+    assert seen == [("bn_act", 2, 8, 8, 32, torch.device("cpu"), torch.bfloat16)]
+    monkeypatch.setattr(warmup, "whole_step_verdict", lambda *a, **k: {"status": "mismatch", "detail": "grad off"})
+    plain = builders.fused_or_plain(cfg, trunk, torch.device("cpu"), 8, torch.bfloat16)
+    assert "training with plain blocks" in capsys.readouterr().err
+    assert warmup.fused_mode(plain) is None and any(isinstance(m, Bottleneck) for m in plain.modules())
+    assert [id(p) for p in plain.parameters()] == [id(p) for p in optimizer.param_groups[0]["params"]]
+    x = torch.randn(2, 3, 32, 32)
+    plain(x).sum().backward()
+    before = trunk.state_dict()["layer1.0.conv1.weight"].clone()
+    optimizer.step()
+    assert not torch.equal(trunk.state_dict()["layer1.0.conv1.weight"], before)
+    running = dict(plain.named_buffers())["bn1.running_mean"]
+    assert running is dict(trunk.named_buffers())["bn1.running_mean"] and running.abs().sum() > 0
+
+
+def test_a_check_draws_its_inputs_once_for_all_its_runs(doubles, monkeypatch):
+    """Half precision: the backend, the fp32 reference and the native reference all run, on
+    one draw of the inputs (drawing costs minutes of CPU at training shapes), and see the
+    same values (else the good backend would mismatch)."""
+    from engine.ops import check_child
+
+    drawn = []
+    fill = check_child._fill
+    monkeypatch.setattr(check_child, "_fill", lambda name, spec, *a: drawn.append(spec[1]) or fill(name, spec, *a))
+    x, w = (t.half().requires_grad_() for t in _inputs())
+    verdict = check_child.run_check(verify.check_job("double_grads", "triton", (x, w), {}))
+    assert verdict["status"] == "pass" and verdict["checked"]["gradient"] == 2, verdict
+    assert len(drawn) == 2
+
+
+def test_a_benchmark_row_names_the_backend_that_ran_and_the_checks_that_failed(doubles):
+    """A failed check hands the call to the reference without a word: the row must say so."""
+    from benchmarks.common import DispatchRecord, row_failed
+
+    wrong, grads = doubles
+    x, w = _inputs()
+    record = DispatchRecord()
+    grads(x, w)
+    row = record.fields()
+    # Its cuda backend failed (a wrong gradient), so triton served: both said, and the row counts as failed.
+    assert row["backends"] == {"double_grads": "triton"} and row_failed(row)
+    assert [key.split("|")[2] for key in row["failed_checks"]] == ["cuda"]
+    record = DispatchRecord()
+    wrong(x, w)
+    row = record.fields()
+    assert row["backends"] == {"double_wrong": "reference"} and row_failed(row)
+    assert {key.split("|")[2] for key in row["failed_checks"]} == {"triton", "cuda"}

@@ -46,3 +46,57 @@ def autotune_fused_blocks(model: nn.Module, sample: Tensor, head: Optional[nn.Mo
         for buffer, value in zip(buffers, saved):
             buffer.copy_(value)
     return fused
+
+
+def fused_mode(model: nn.Module) -> Optional[str]:
+    """The fused mode a trunk was built with ("conv", "bn_act"), None for plain blocks."""
+    if any(isinstance(m, ConvBNBottleneck) for m in model.modules()):
+        return "conv"
+    if any(isinstance(m, BatchNormAct2d) for m in model.modules()):
+        return "bn_act"
+    return None
+
+
+def whole_step_verdict(mode: str, groups: int, width_per_group: int, batch: int, size: int, device: torch.device,
+                       dtype: torch.dtype, channels_last: bool = True) -> dict:
+    """One whole training step of a stand-in for the run's trunk (one block per stage, the
+    run's cardinality and group width, so the same kernels at the same channel counts, at
+    the run's micro-batch and image size) with `mode`'s fused blocks, against the plain
+    model from the same weights (engine.models.step_check; a per-op check cannot see a
+    defect in how the calls compose). Returns its verdict (engine.ops.numerics.compare).
+    The global random state is left as it was: the run's own draws do not move."""
+    from engine.models.resnext import resnext
+    from engine.models.step_check import check_fused_step
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        plain = resnext([1, 1, 1, 1], groups, width_per_group, num_classes=10)
+        fused = resnext([1, 1, 1, 1], groups, width_per_group, fused=mode, num_classes=10)
+        for model in (plain, fused):
+            model.to(device=device, memory_format=fmt)
+        x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+        target = torch.randint(0, 10, (batch,), device=device)
+        # Every fused key's own check first, all in one child; the step then runs the kernels that passed.
+        with verify.deferred(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            fused(x)
+        fused.load_state_dict(plain.state_dict())
+        return check_fused_step(fused, plain, x, target, dtype)
+
+
+def share_state(source: nn.Module, target: nn.Module) -> nn.Module:
+    """`target` holding `source`'s very parameters and buffers (the same tensors, by
+    state-dict name): an optimizer built over `source`, and checkpoints saved from or loaded
+    into it, serve `target` unchanged. The two must have the same state-dict names."""
+    names = {n for n, _ in source.named_parameters()} | {n for n, _ in source.named_buffers()}
+    theirs = {n for n, _ in target.named_parameters()} | {n for n, _ in target.named_buffers()}
+    if names != theirs:
+        raise ValueError(f"share_state: the models differ in {sorted(names ^ theirs)[:5]}")
+    modules = dict(target.named_modules())
+    for name, p in source.named_parameters():
+        owner, _, attr = name.rpartition(".")
+        setattr(modules[owner], attr, p)
+    for name, b in source.named_buffers():
+        owner, _, attr = name.rpartition(".")
+        modules[owner].register_buffer(attr, b)
+    return target

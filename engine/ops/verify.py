@@ -129,6 +129,12 @@ def record(key: str, verdict: dict) -> None:
     _store().record_verdict(key, verdict)
 
 
+def failed_verdicts() -> dict[str, str]:
+    """{key: what failed} of every failed check this process has run or read: the keys whose
+    calls the reference served instead (a benchmark row must say so)."""
+    return {key: f"{v['status']}: {v['detail']}" for key, v in _MEMORY.items() if v["status"] != "pass"}
+
+
 def forget_memory() -> None:
     """Drops this process's copies, so the next lookup reads the disk (tests)."""
     _MEMORY.clear()
@@ -277,13 +283,20 @@ def check_job(op_name: str, backend: str, args, kwargs) -> dict:
             "kwargs": {k: _spec(v) for k, v in kwargs.items()}, "grad": torch.is_grad_enabled()}
 
 
-def run_jobs(jobs: list[dict], timeout_s: Optional[float] = None) -> list[dict]:
+def run_jobs(jobs: list[dict], timeout_s: Optional[float] = None,
+             on_result: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
     """Runs jobs in order in child processes, one child for as many as it survives: a
     child that dies or hangs marks its current job a crash, and a fresh child goes on.
     The child is a fresh interpreter (not a fork: CUDA cannot be forked, and not
-    multiprocessing's spawn, which would re-run the user's main script)."""
+    multiprocessing's spawn, which would re-run the user's main script). `on_result(i,
+    result)` hears each job's result as it settles (a caller killed mid-run keeps those)."""
     timeout_s = TIMEOUT_S if timeout_s is None else timeout_s
     results: list[Optional[dict]] = [None] * len(jobs)
+
+    def settle(i: int, result: dict) -> None:
+        results[i] = result
+        if on_result is not None:
+            on_result(i, result)
     pending = list(range(len(jobs)))
     while pending:
         read_fd, write_fd = os.pipe()
@@ -309,13 +322,13 @@ def run_jobs(jobs: list[dict], timeout_s: Optional[float] = None) -> list[dict]:
             if message[0] == "start":
                 current, started = pending[message[1]], time.monotonic()
             elif message[0] == "done":
-                results[current] = message[2]
+                settle(current, message[2])
                 current = None
             elif message[0] == "setup-failed":
                 child.wait()
                 for i in pending:
-                    results[i] = {"status": "error", "detail": f"child setup failed: {message[1]}",
-                                  "max_error": None, "seconds": None}
+                    settle(i, {"status": "error", "detail": f"child setup failed: {message[1]}",
+                               "max_error": None, "seconds": None})
                 return results  # type: ignore[return-value]
         receiver.close()
         pending = [i for i in pending if results[i] is None]
@@ -325,8 +338,8 @@ def run_jobs(jobs: list[dict], timeout_s: Optional[float] = None) -> list[dict]:
             # Died before its first job or between two: the next one takes the blame, so that
             # every round settles one job and a child that cannot start ends the loop.
             current = pending[0]
-        results[current] = {"status": "crash", "detail": f"the check's process died: {why}", "max_error": None,
-                            "seconds": round(time.monotonic() - started, 3)}
+        settle(current, {"status": "crash", "detail": f"the check's process died: {why}", "max_error": None,
+                         "seconds": round(time.monotonic() - started, 3)})
         pending.remove(current)
     return results  # type: ignore[return-value]
 
