@@ -8,6 +8,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The tests that compile kernels for sm_90 (the compile gate, its one-off checks) run
+# Triton's compiler in subprocesses, which inherit this: a cache outside the clone survives
+# a fresh clone and `make clean`, so only kernels whose source or options changed are compiled
+# again (Triton keys each entry by both, and by its own version). Minutes cold, seconds warm.
+os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(
+    os.environ.get("ENGINE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "engine"), "triton"))
+
 import pytest  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 

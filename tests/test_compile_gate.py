@@ -121,7 +121,6 @@ def test_head_slices_not_a_multiple_of_16_keep_wide_accesses():
     the GEMMs' G loads must be padded to 16 columns, which leaves no 2-byte global access in
     any of the head's bf16 kernels (as at V = 2,048)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_CACHE_DIR", str(ROOT / ".gate-cache" / "triton"))
     script = r"""
 import json, torch
 from benchmarks import compile_gate as g

@@ -133,3 +133,6 @@ def test_bench_train_e2e_smoke(tmp_path):
     assert set(modes) == {"synthetic", "real"}
     assert all(r["img_per_s"] > 0 for r in modes.values())
     assert report["real_over_synthetic"] > 0
+    # The real input is read from disk, not from the page cache the build left warm.
+    assert modes["real"]["settings"]["page_cache"].startswith("dropped")
+    assert all({"warmup", "repeats", "compile", "cudnn_benchmark"} <= set(r["settings"]) for r in modes.values())

@@ -198,6 +198,7 @@ def test_lean_step_benchmark_smoke_counts_reads_per_variant(tmp_path):
     lean, before = json.loads(out.read_text())["rows"]
     # Four timed steps: the lean loop reads back once (its one sync point), the old loop at every step
     # (the skip decision and the sync point).
+    assert [lean["per_step_sync"], before["per_step_sync"]] == [False, True]
     assert lean["host_reads_per_step"] == 0.25 and before["host_reads_per_step"] == 2.0
     assert lean["step_ms"] > 0 and before["step_ms"] > 0
 
