@@ -20,8 +20,10 @@ def test_synth_build_inspect_bench(tmp_path, capsys):
     assert os.path.isfile(info["metadata"]) and info["rows"] > 24
     assert main(["data", "build", "--images", info["images"], "--metadata", info["metadata"], "--out", str(ds),
                  "--vocab-size", "8", "--synonyms", info["synonyms"], "--eval-set", info["eval_set"],
-                 "--shard-size", "8", "--workers", "1", "--quiet"]) == 0
+                 "--shard-size", "8", "--workers", "1", "--split-bytes", "1024", "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out)
+    # The metadata file (several KB) is read in 1 KB byte ranges, every row exactly once.
+    assert summary["read_tasks"] > 1 and summary["metadata_rows"] == info["rows"]
     assert summary["vocab"]["size"] == 8 and summary["written"] > 0 and summary["skipped"]["truncated"] == 2
     assert main(["data", "inspect", str(ds), "--top", "3"]) == 0
     out = json.loads(capsys.readouterr().out)

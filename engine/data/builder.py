@@ -224,7 +224,7 @@ def _fresh_dir(path: str, fingerprint: str) -> None:
 
 def _read_stage(engine, cfg: BuildConfig, synonyms: dict, rows_dir: str) -> dict:
     """Stage 0: every input file's rows as Parquet parts, a task per file. Returns
-    {"parts": [path, ...] in metadata order, "part_rows": [...], "rows", "not_images"}."""
+    {"parts": [path, ...] in metadata order, "part_rows": [...], "rows", "not_images", "read_tasks"}."""
     done = os.path.join(rows_dir, "done.json")
     if os.path.isfile(done):
         with open(done, encoding="utf-8") as f:
@@ -242,7 +242,7 @@ def _read_stage(engine, cfg: BuildConfig, synonyms: dict, rows_dir: str) -> dict
                           "out_dir": out_dir, "out": os.path.join(out_dir, "done.json")})
     run_stage(engine, meta_mod.write_parts, todo(tasks), "read ", cfg.progress, len(tasks),
               len(tasks) - len(todo(tasks)))
-    info: dict = {"parts": [], "part_rows": [], "rows": 0, "not_images": {}}
+    info: dict = {"parts": [], "part_rows": [], "rows": 0, "not_images": {}, "read_tasks": len(tasks)}
     for t in tasks:
         with open(t["out"], encoding="utf-8") as f:
             file_info = json.load(f)
@@ -403,6 +403,7 @@ def build(config: Union[BuildConfig, dict]) -> dict:
         "config": settings,
         "validation": validator_note,
         "metadata_rows": num_rows,
+        "read_tasks": info.get("read_tasks"),  # files, and byte ranges of the plain ones (split_bytes)
         # Metadata rows left out before the scan: YFCC100M videos, and img2dataset rows by their status.
         "not_images": {r: c for r, c in info["not_images"].items() if not r.startswith("status:")},
         "skipped_by_status": {r[len("status:"):]: c for r, c in info["not_images"].items() if r.startswith("status:")},

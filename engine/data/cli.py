@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="local: a process pool on this machine; ray: Ray Data (a local cluster unless --address)")
     p.add_argument("--address", help="--engine ray: the Ray cluster to join, e.g. auto or ray://head:10001")
     p.add_argument("--chunk-size", type=int, default=2048, help="metadata rows per part (one scan task)")
+    p.add_argument("--split-bytes", type=int, default=256 << 20,
+                   help="a plain JSONL or YFCC100M file is read in byte ranges of this size, in parallel "
+                        "(default 256 MiB; 0: one task per file)")
     p.add_argument("--plan-buckets", type=int, default=0,
                    help="hash buckets of the dedup and vocabulary aggregations (0: one per 250k rows)")
     p.add_argument("--min-count", type=int, default=1)
@@ -111,10 +114,10 @@ def _run(args: argparse.Namespace) -> int:
             progress=not args.quiet, format=args.format, path_template=args.path_template,
             yfcc_tags=args.yfcc_tags, path_field=args.path_field, caption_field=args.caption_field,
             tags_field=args.tags_field, key_field=args.key_field, engine=args.engine, address=args.address,
-            chunk_size=args.chunk_size, plan_buckets=args.plan_buckets,
+            chunk_size=args.chunk_size, plan_buckets=args.plan_buckets, split_bytes=args.split_bytes,
         ))
         summary = {k: report[k] for k in ("metadata_rows", "valid_as_is", "reencoded", "skipped", "dropped",
-                                           "written", "vocab", "shards", "seconds", "engine", "peak_rss_bytes")}
+                                           "written", "vocab", "shards", "seconds", "engine", "peak_rss_bytes", "read_tasks")}
         print(json.dumps(summary, indent=1, ensure_ascii=False))
         print(f"report: {args.out}/report.json; every rejected image: {args.out}/rejected.jsonl", file=sys.stderr)
         return 0
