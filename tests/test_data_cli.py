@@ -61,3 +61,16 @@ def test_bench_script_smoke(tmp_path):
     results = run["results"]
     assert results["torch"]["img_per_s"] > 0 and results["torch_1core"]["ms_per_image_per_core"] > 0
     assert "img_per_s" in results["dali"] or "skipped" in results["dali"]
+
+
+def test_scan_benchmark_smoke(tmp_path):
+    """The scan-rate benchmark behind docs/datasets.md's part-size advice: it scans with the
+    builder's own function and every image of ordinary size passes."""
+    from benchmarks import bench_scan
+
+    out = tmp_path / "scan.json"
+    assert bench_scan.main(["--per-size", "1", "--work", str(tmp_path), "--out", str(out)]) == 0
+    rows = json.load(open(out))["results"]
+    assert rows[0]["validators"] == "torchvision"
+    assert all(r["all_sizes"]["images"] == r["all_sizes"]["ok"] == len(bench_scan.SIZES) for r in rows)
+    assert all(r["all_sizes"]["images_per_cpu_s"] > 0 for r in rows)
