@@ -4,8 +4,9 @@ waits for the copy to host memory only), on gloo CPU ranks, with each rank's pea
 memory. The state is that of a real run: a ResNeXt-101 32x16d trunk and its momentum on rank
 0, and a vocabulary-parallel head of V x 2048 (weight + momentum) split over the ranks.
 
-    python -m benchmarks.bench_checkpoint --out benchmarks/results/checkpoint_cpu_2core.json
-    python -m benchmarks.bench_checkpoint --vocab 1048576   # the paper's largest head: ~32 GiB of host memory
+    # the largest head whose two copies fit 24 GiB on 2 ranks (20 GiB peak in all):
+    python -m benchmarks.bench_checkpoint --vocab 524288 --step-s 2 --out benchmarks/results/checkpoint_cpu_2core.json
+    python -m benchmarks.bench_checkpoint --vocab 1048576   # the paper's largest head: ~40 GiB of host memory
     python -m benchmarks.bench_checkpoint --smoke            # seconds: a small trunk and head
 
 The "stall" is the time save() takes in the loop; "committed" is the time until the
