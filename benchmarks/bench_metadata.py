@@ -138,6 +138,7 @@ def main(argv=None) -> None:
     size, packed = os.path.getsize(path), os.path.getsize(path + ".bz2")
     print(f"synthetic file: {args.rows} rows, {size / 2**20:.0f} MiB plain, {packed / 2**20:.0f} MiB bz2 "
           f"({time.perf_counter() - t:.0f} s)", flush=True)
+    load_before = os.getloadavg()
     split = -(-size // (2 * args.workers))  # two ranges per worker
     cases = []
     for engine in args.engines.split(","):
@@ -149,16 +150,21 @@ def main(argv=None) -> None:
             print(json.dumps(r), flush=True)
             cases.append(r)
     by = {(c["engine"], c["workers"], c["split_bytes"] > 0, c["compressed"]): c for c in cases}
+    single = by.get(("local", 1, False, False))
     one = by.get(("local", 1, True, False))
     many = by.get(("local", args.workers, True, False))
     result = {
         "benchmark": "metadata_read_yfcc100m_format",
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version(), "note": "2-core VM shared with other jobs: contended"},
+                    "python": platform.python_version(),
+                    # Other jobs on the machine slow the parallel cases most: the load says how idle it was.
+                    "load_average_before": [round(x, 2) for x in load_before],
+                    "load_average_after": [round(x, 2) for x in os.getloadavg()]},
         "file": {"rows": args.rows, "plain_bytes": size, "bz2_bytes": packed,
                  "bytes_per_row": round(size / args.rows, 1)},
         "cases": cases,
         "speedup_plain_ranges": (round(one["seconds"] / many["seconds"], 2) if one and many else None),
+        "speedup_vs_one_task": (round(single["seconds"] / many["seconds"], 2) if single and many else None),
     }
     text = json.dumps(result, indent=1)
     print(text)
