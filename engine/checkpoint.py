@@ -300,8 +300,9 @@ def prune(root: str, keep_last: int) -> list[str]:
 # --------------------------------------------------------------------------- loading
 
 
-def load_file(path: str, map_location="cpu"):
-    return torch.load(path, map_location=map_location, weights_only=True)
+def load_file(path: str, map_location="cpu", mmap: bool = False):
+    """mmap: page in only what is read (a rank file's data position and RNG state, not its head slice)."""
+    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def load_checkpoint(path: str, rank: int = 0, world_size: Optional[int] = None, *, model: bool = True,

@@ -410,7 +410,7 @@ class Trainer:
             setattr(self.state, k, v)
         own = os.path.join(path, ckpt_mod.rank_file(self.dist.rank))
         same_world = meta["world_size"] == self.dist.world
-        rank_state = ckpt_mod.load_file(own if same_world else os.path.join(path, ckpt_mod.rank_file(0)))
+        rank_state = ckpt_mod.load_file(own if same_world else os.path.join(path, ckpt_mod.rank_file(0)), mmap=True)
         self.loader.load_state_dict(rank_state["data"])  # the step: the same in every rank's file
         if same_world:  # another world size has other ranks: their streams start afresh
             ckpt_mod.set_rng_state(rank_state["rng"], self.device)  # last: nothing after it draws
