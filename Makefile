@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 # fails to link -lcudart; the toolkit lives in /usr/local/cuda.
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export MAX_JOBS ?= 2
+# Parallel test workers: one per CPU core (pytest-xdist's auto).
+TEST_WORKERS ?= auto
 
 .PHONY: install demo test bench gpu-check gpu-ext compile-gate triton36-venv clean
 
@@ -60,7 +62,9 @@ triton36-venv: $(TRITON36)/.stamp
 # The suite, then the mutation check: each named break of the code must fail the tests
 # that claim to catch it (tools/mutation_check.py, a few minutes).
 test: install triton36-venv
-	$(PY) -m pytest -q
+	@echo "== the test suite, one pytest-xdist worker per core (TEST_WORKERS=$(TEST_WORKERS))"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	@echo "== the mutation check: each named break of the code must fail the tests meant to catch it"
 	$(PY) tools/mutation_check.py
 
 # Every Triton and CUDA kernel compiled for sm_90 (and sm_100) without a GPU; see benchmarks/compile_gate.py.

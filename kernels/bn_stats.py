@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import store_bn_affine, update_running_stats
+from .common import interpreter_block, store_bn_affine, update_running_stats
 
 # Elementwise and reduction tiles on a GPU: 4096 fp32 values per program at 4 warps.
 TILE_ELEMENTS = 4096
@@ -297,7 +297,7 @@ def finalize(part, rows_per_part, m, bn_weight, bn_bias, running_mean, running_v
     c = part.shape[2]
     f32 = dict(device=part.device, dtype=torch.float32)
     on_gpu = part.device.type == "cuda"
-    block_c, block_p = (32, 64) if on_gpu else (16, 4)
+    block_c, block_p = (32, 64) if on_gpu else (interpreter_block(c), 4)
     c_grid = triton.cdiv(c, block_c)
     parts = part.shape[1]
     final = _final_parts(part.device)

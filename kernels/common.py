@@ -1,7 +1,8 @@
 """Helpers shared by the kernel files.
 
 Host side: the channels_last output buffers and strided output sizes of the convolution
-launchers, and the tl.dot precision every GEMM takes for its dtype.
+launchers, the tl.dot precision every GEMM takes for its dtype, and the interpreter's tile
+sizes.
 
 Kernel side (@triton.jit, inlined into each caller, so the callers' code is what it was
 with the lines written out):
@@ -25,6 +26,15 @@ def dot_precision(dtype: torch.dtype) -> str:
     # interpreter compute them; tf32 would not match them (the head's logits would move in
     # their fourth significant digit).
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def interpreter_block(extent: int) -> int:
+    """A tile's size along an axis of this extent in Triton's interpreter, which is for
+    tests: 16 (tl.dot's minimum) up to 128, so the kernel tests' small shapes span several
+    tiles and leave ragged edges; 64 beyond, the fp32 GPU tile, so that a whole model's 256
+    to 2048 channels are not thousands of programs, which the interpreter runs one by one
+    (at 16, minutes per training step of a one-block-per-stage ResNeXt)."""
+    return 16 if extent <= 128 else 64
 
 
 def nhwc_empty(n: int, c: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:

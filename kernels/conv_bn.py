@@ -34,19 +34,20 @@ import triton
 import triton.language as tl
 
 from .bn_stats import finalize, store_tile_stats
-from .common import dot_precision, load_bn_relu, nhwc_empty, strided_size
+from .common import dot_precision, interpreter_block, load_bn_relu, nhwc_empty, strided_size
 
 # Programs per SM the weight-gradient split aims for.
 WGRAD_PROGRAMS_PER_SM = 2
 
 
-def _gemm_config(dtype: torch.dtype, device: torch.device, prologue_operands: int = 1) -> dict:
-    """Tiles of a GEMM whose first operand is computed from `prologue_operands` loaded
-    tiles (the backward's da needs both the gradient and the pre-norm output)."""
+def _gemm_config(dtype: torch.dtype, device: torch.device, prologue_operands: int = 1, *,
+                 m: int, n: int, k: int) -> dict:
+    """Tiles of the GEMM [m, k] x [k, n] whose first operand is computed from
+    `prologue_operands` loaded tiles (the backward's da needs both the gradient and the
+    pre-norm output)."""
     if device.type != "cuda":
-        # The interpreter is for tests: 16 (tl.dot's minimum) on every axis, so small test
-        # shapes span several tiles and leave ragged edges.
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=interpreter_block(m), BLOCK_N=interpreter_block(n), BLOCK_K=interpreter_block(k),
+                    num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
     # 128 x 128 output tiles with 64-deep operand slices, triple-buffered: the usual
@@ -283,7 +284,7 @@ def conv_bn_fwd_triton(x: torch.Tensor, weight: torch.Tensor, in_scale: torch.Te
     ho, wo = strided_size(h, stride), strided_size(w, stride)
     m = n * ho * wo
     y = nhwc_empty(n, n_out, ho, wo, x)
-    cfg = _gemm_config(x.dtype, x.device)
+    cfg = _gemm_config(x.dtype, x.device, m=m, n=n_out, k=k)
     tiles_m = triton.cdiv(m, cfg["BLOCK_M"])
     stats = bn_weight is not None
     part = torch.empty(2, tiles_m, n_out, device=x.device, dtype=torch.float32) if stats else y
@@ -324,7 +325,7 @@ def conv_bn_dgrad_triton(grad: torch.Tensor, a: torch.Tensor, k_g: torch.Tensor,
     k = weight.shape[1]
     m = n * h * w
     dx = nhwc_empty(n, k, h, w, grad)
-    cfg = _gemm_config(grad.dtype, grad.device, prologue_operands=2)
+    cfg = _gemm_config(grad.dtype, grad.device, prologue_operands=2, m=m, n=n_out, k=k)
     tiles_m = triton.cdiv(m, cfg["BLOCK_M"])
     has_in = x_in is not None
     part = torch.empty(2, tiles_m, k, device=a.device, dtype=torch.float32) if has_in else dx
@@ -358,7 +359,7 @@ def conv_bn_wgrad_triton(grad: torch.Tensor, a: torch.Tensor, k_g: torch.Tensor,
     n, n_out, ho, wo = a.shape
     _, k, h, w = x.shape
     m = n * ho * wo
-    cfg = _gemm_config(grad.dtype, grad.device, prologue_operands=2)
+    cfg = _gemm_config(grad.dtype, grad.device, prologue_operands=2, m=m, n=n_out, k=k)
     tiles = triton.cdiv(n_out, cfg["BLOCK_N"]) * triton.cdiv(k, cfg["BLOCK_K"])
     tiles_m = triton.cdiv(m, cfg["BLOCK_M"])
     if grad.device.type == "cuda":

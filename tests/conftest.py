@@ -20,6 +20,10 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
+    # Tests marked slow first: pytest-xdist (make test: --dist loadfile --no-loadscope-reorder)
+    # hands out files in the order of their first test, so the long files start early, the
+    # short ones fill in at the end, and the workers finish together.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

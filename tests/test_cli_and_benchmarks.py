@@ -8,7 +8,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from engine.cli import main
+from engine.ops import backends
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,6 +45,7 @@ def test_bench_rejects_unknown_variant(capsys):
     assert "unknown variant(s) ['fastest']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_gpu_check_quick_smoke_fits_its_deadline(tmp_path):
     """The GPU machine's first call (README, On a GPU machine) on this CPU: every stage of the
     quick plan runs its real script in smoke mode within the deadline, and the folder holds the
@@ -73,6 +77,22 @@ def test_gpu_check_quick_smoke_fits_its_deadline(tmp_path):
     compiled = [r for r in steps if r["variant"] == "torchvision-compile"]
     assert compiled and all(r["settings"]["dynamic"] is False and r["settings"]["frames_compiled"] >= 1
                             for r in compiled)
+    # The op benchmarks' rows (their only run in the suite): every implementation, checked against eager.
+    conv_bn = stages["bench_conv_bn"]["results"]["results"]
+    assert {r["impl"] for r in conv_bn if "fwd_bwd_ms" in r} == {"eager", "compile[aot_eager]", "conv_bn[triton]"}
+    fused = next(r for r in conv_bn if r["impl"] == "conv_bn[triton]")
+    assert fused["stride"] == 2 and fused["max_abs_diff_vs_eager"] < 1e-3 and "speedup_vs_compile" in fused
+    grouped = stages["bench_grouped_conv"]["results"]["results"]
+    impls = {"triton", "triton[fused]", "cudnn[nhwc]", "cudnn[nchw]", "engine[auto]"}
+    if backends.load_extension() is not None:
+        impls |= {"cuda", "cuda[fused]"}
+    assert {r["impl"] for r in grouped} == impls
+    assert {r["direction"] for r in grouped} == {"fwd", "dgrad", "wgrad", "fwd+bwd"}
+    # What automatic dispatch ran (the reference on a CPU), beside cuDNN for the training step.
+    auto = [r for r in grouped if r["impl"] == "engine[auto]"]
+    assert auto and all(r["backend"] == "reference" and r["ms"] > 0 for r in auto)
+    assert {r["impl"] for r in grouped if r["direction"] == "fwd+bwd"} == {"engine[auto]", "cudnn[nhwc]"}
+    assert all(r["max_abs_diff_vs_nchw"] < 1e-3 for r in grouped if r["impl"] in ("triton", "cuda"))
 
 
 def test_loss_tracking_smoke_runs_three_curves_and_a_verdict(tmp_path):

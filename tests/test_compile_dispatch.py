@@ -58,6 +58,7 @@ def device_path(monkeypatch, tmp_path):
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_compiled_fused_model_calls_the_fused_kernels_after_warm_up(device_path, monkeypatch):
     model = _model()
     norms = sum(isinstance(m, BatchNormAct2d) for m in model.modules())
@@ -84,6 +85,7 @@ def test_compiled_fused_model_calls_the_fused_kernels_after_warm_up(device_path,
         assert bn_act.last_decision.backend == "cuda"
 
 
+@pytest.mark.slow
 def test_compiled_without_warm_up_runs_the_reference_and_says_so(device_path, monkeypatch):
     model = _model()
     monkeypatch.setattr(verify, "run_jobs", lambda *a, **k: pytest.fail("a check ran while tracing"))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a minute or more on 2 cores
+
 ROOT = Path(__file__).resolve().parent.parent
 CI_TIER = ["--batches", "100", "--other-batches", "100", "--dtypes", "bfloat16,float32", "--other-dtypes", "bfloat16",
            "--no-sm100", "--no-cuda"]

@@ -3,10 +3,6 @@ fused bottleneck against torchvision's Bottleneck with the same weights: trainin
 (output, running statistics, every gradient) and eval (output), fp32 and fp16, identity
 and downsampling (stride 1 and 2) shortcuts, channels that are not multiples of the tiles."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +16,6 @@ from engine.models import ConvBNBottleneck
 from engine.ops import BackendUnavailableError
 from engine.ops.conv_bn import BNParams, conv_bn_bottleneck
 
-REPO = Path(__file__).resolve().parent.parent
 # The GPU when there is one, else Triton's interpreter (conftest sets TRITON_INTERPRET=1).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NHWC = torch.channels_last
@@ -541,16 +536,3 @@ def test_module_rejects_a_downsample_it_cannot_fuse():
     block.bn2.eps = 1e-3
     with pytest.raises(ValueError, match="must share eps"):
         block(torch.randn(2, 32, 4, 4))
-
-
-def test_benchmark_smoke(tmp_path):
-    """The benchmark's CPU mode, as a user runs it (it turns on Triton's interpreter itself)."""
-    out = tmp_path / "conv_bn.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_conv_bn", "--smoke", "--out", str(out),
-                           "--kinds", "first"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["results"]
-    impls = {r["impl"] for r in rows if "fwd_bwd_ms" in r}
-    assert impls == {"eager", "compile[aot_eager]", "conv_bn[triton]"}
-    fused = next(r for r in rows if r["impl"] == "conv_bn[triton]")
-    assert fused["stride"] == 2 and fused["max_abs_diff_vs_eager"] < 1e-3 and "speedup_vs_compile" in fused

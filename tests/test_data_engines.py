@@ -77,6 +77,7 @@ def _no_new_ray_processes(before: set, wait_s: float = 30.0) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_ray_and_local_engines_write_identical_datasets(raw, local_build, tmp_path):
     before = _ray_processes()
     out, local = local_build
@@ -111,6 +112,7 @@ def _kill_when(proc: subprocess.Popen, directory, suffix: str, count: int) -> No
         proc.wait()
 
 
+@pytest.mark.slow
 def test_ray_build_killed_mid_scan_and_mid_write_resumes_to_the_same_bytes(raw, local_build, tmp_path):
     out, local = local_build
     target = tmp_path / "killed"

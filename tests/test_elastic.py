@@ -42,6 +42,7 @@ def _losses(run_dir):
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
+@pytest.mark.slow
 def test_a_two_rank_checkpoint_resumes_at_one_and_four_ranks(dataset, tmp_path):
     whole = str(tmp_path / "whole")
     spawn_ranks(_train_job, 2, str(tmp_path), _overrides(dataset, whole, 20), timeout_s=300)

@@ -5,9 +5,6 @@ groups, for group widths from 1 to 48 (packed and multi-tile groups; the CUDA ke
 of one; the dispatcher's choice; the autotune cache, including corrupt and stale files."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +19,8 @@ from engine.ops import BackendUnavailableError, backends
 from engine.ops.autotune import Autotuner, default_path, default_tuner
 from engine.ops.grouped_conv import grouped_conv3x3
 
-REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # a minute or more together on 2 cores
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NHWC = torch.channels_last
 # (dtype, tol): tol bounds the error relative to the largest expected magnitude, for a result
@@ -48,8 +46,10 @@ CASES = [
     (4, 16, 1, 2, 3, 5),
     (2, 48, 2, 1, 5, 5),
 ]
-# 32 groups of 48 take 80 s per dtype in the interpreter: fp32 only.
-CASE_32X48 = (32, 48, 2, 1, 3, 3)
+# ResNeXt-101 32x48d's first-stage width at stride 1, fp32 only: 5 groups, not its 32, since
+# the interpreter runs each group's three-by-three tiles one program at a time (32 groups took
+# 80 s per dtype), and a group's index enters no address differently from the 2nd to the 32nd.
+CASE_X48 = (5, 48, 1, 1, 3, 3)
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +95,7 @@ def _leaves(*tensors):
 def _backend_cases():
     """(backend, dtype, tol, case): Triton for every case, the direct CUDA kernels for the
     group widths they take."""
-    out = [pytest.param("triton", torch.float32, 1e-5, CASE_32X48, id=f"triton-{torch.float32}-{CASE_32X48}")]
+    out = [pytest.param("triton", torch.float32, 1e-5, CASE_X48, id=f"triton-{torch.float32}-{CASE_X48}")]
     for case in CASES:
         for entry in DTYPES:
             (dtype, tol), marks = (entry.values, entry.marks) if hasattr(entry, "marks") else (entry, ())
@@ -467,22 +467,3 @@ def test_cuda_dispatch_autotunes_once():
     assert len(tuner._entries) == 1 and default_path().exists()
     grouped_conv3x3(x, weight, groups=32)
     assert grouped_conv3x3.last_decision.backend == first and len(tuner._entries) == 1
-
-
-def test_benchmark_smoke(tmp_path):
-    """The benchmark's CPU mode, as a user runs it (it turns on Triton's interpreter itself)."""
-    out = tmp_path / "grouped_conv.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_grouped_conv", "--smoke", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["results"]
-    impls = {"triton", "triton[fused]", "cudnn[nhwc]", "cudnn[nchw]", "engine[auto]"}
-    if backends.load_extension() is not None:
-        impls |= {"cuda", "cuda[fused]"}
-    assert {r["impl"] for r in rows} == impls
-    assert {r["direction"] for r in rows} == {"fwd", "dgrad", "wgrad", "fwd+bwd"}
-    # What automatic dispatch ran (the reference on a CPU), beside cuDNN for the training step.
-    auto = [r for r in rows if r["impl"] == "engine[auto]"]
-    assert auto and all(r["backend"] == "reference" and r["ms"] > 0 for r in auto)
-    assert {r["impl"] for r in rows if r["direction"] == "fwd+bwd"} == {"engine[auto]", "cudnn[nhwc]"}
-    assert all(r["max_abs_diff_vs_nchw"] < 1e-3 for r in rows if r["impl"] in ("triton", "cuda"))

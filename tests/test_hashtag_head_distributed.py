@@ -13,6 +13,8 @@ from engine.heads import HashtagHead
 from engine.ops import hashtag_ce
 from engine.ops.hashtag_ce import vocab_slices
 
+pytestmark = pytest.mark.slow  # a minute or more together on 2 cores
+
 V, D, K = 101, 24, 3  # a prime vocabulary: no world size divides it
 OPTIONS = dict(label_smoothing=0.1, z_loss=1e-3)
 TIMEOUT_S = 240

@@ -222,6 +222,7 @@ FORCED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(FORCED))
 def test_forced_fused_paths_match_torchvision(monkeypatch, backend_calls, case):
     """Training (output, running statistics, every gradient), then eval without gradients

@@ -172,6 +172,7 @@ def _reference(tmp_path):
     return losses
 
 
+@pytest.mark.slow
 def test_a_lost_node_shrinks_the_job_and_a_new_one_grows_it_back(tmp_path):
     reference = _reference(tmp_path)
     drill = Drill(tmp_path)

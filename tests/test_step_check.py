@@ -94,6 +94,7 @@ FUSED_BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.skipif(
     backends.extension_status() is not None, reason="engine._C is not built"))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_correct_kernels_pass_at_a_relu_kink(monkeypatch, backend_calls, backend):
     """The fused run puts the tied activation on the other side of the kink from the plain

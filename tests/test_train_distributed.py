@@ -60,6 +60,7 @@ def prior_loss(dataset_dir):
     return float((w * -(q * np.log(marginal)).sum(1)).sum())
 
 
+@pytest.mark.slow
 def test_two_ranks_learn_the_hashtags_and_transfer(dataset, tmp_path):
     from engine.data import synth_imagefolder
     from engine.evaluate import evaluate
@@ -94,6 +95,7 @@ def test_two_ranks_learn_the_hashtags_and_transfer(dataset, tmp_path):
     assert result["top5"] >= result["top1"]
 
 
+@pytest.mark.slow
 def test_stopped_and_resumed_run_gives_the_same_losses(dataset, tmp_path):
     # 12 steps per epoch per rank (480 samples / 2 ranks / 16 + resampling): the resumed part
     # crosses an epoch boundary.

@@ -49,6 +49,20 @@ def _cfg(folders, **kw):
     return TransferConfig(**{**base, **kw})
 
 
+def test_the_trunk_evaluated_holds_the_weights_given(state_dict_file):
+    """Every trunk tensor is the file's (prefixes stripped, the classifier dropped), not a
+    fresh initialisation of the inferred architecture."""
+    from engine.evaluate import load_trunk
+
+    trunk, source = load_trunk(state_dict_file)
+    saved = {k.removeprefix("module."): v for k, v in torch.load(state_dict_file).items()}
+    got = trunk.state_dict()
+    assert source["arch"] == "resnext(layers=[1, 1, 1, 1], groups=4, width_per_group=4)"
+    assert set(got) == {k for k in saved if not k.startswith("fc.")}
+    for name, tensor in got.items():
+        assert torch.equal(tensor, saved[name]), name
+
+
 def test_linear_probe_from_a_state_dict_file(folders, state_dict_file, tmp_path):
     from engine.evaluate import evaluate
 

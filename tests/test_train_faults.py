@@ -98,6 +98,7 @@ def test_sigterm_under_torchrun_writes_a_checkpoint(tmp_path):
     assert state["rank"]["data"]["kind"] == "synthetic"
 
 
+@pytest.mark.slow
 def test_killed_worker_is_restarted_by_torchrun_and_resumes(tmp_path):
     out_dir = str(tmp_path / "run")
     steps = 24

@@ -13,6 +13,8 @@ import torch
 from engine.config import apply_overrides, get_preset
 from engine.evaluate import TransferConfig
 
+pytestmark = pytest.mark.slow  # a minute or more on 2 cores
+
 CLASSES = 8
 CHANCE = 100.0 / CLASSES
 # Measured on a 2-core CPU, 800 steps, three pretraining seeds, 16 shots and 40 validation

@@ -15,6 +15,8 @@ from engine.ops import autotune, verify
 from engine.ops.autotune import Autotuner
 from engine.ops.dispatch import REGISTRY, define
 
+pytestmark = pytest.mark.slow  # a minute or more together on 2 cores
+
 SETUP = f"{__name__}:install"
 
 

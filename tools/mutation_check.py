@@ -7,22 +7,26 @@ or when one no longer applies (its pattern is gone or ambiguous, so it checks no
     python tools/mutation_check.py --list
     python tools/mutation_check.py --only sampled-head-detaches-features
 
-Each mutation runs in one scratch copy of the source tree (no .git, no virtual
-environment, no caches; the built extension is copied, so nothing is rebuilt). The copy's
-`engine/kernels` is a link to its own `kernels/`, so the editable install's mapping to the
-original checkout's kernels is never consulted. Only the tests named per mutation run,
-stopping at the first failure, which keeps the whole check to a few minutes on two cores.
+Mutations run in scratch copies of the source tree, one per parallel job (no .git, no
+virtual environment, no caches; the built extension is copied, so nothing is rebuilt). A
+copy's `engine/kernels` is a link to its own `kernels/`, so the editable install's mapping
+to the original checkout's kernels is never consulted. Only the tests named per mutation
+run, stopping at the first failure, two mutations at a time on two cores or more (most of
+a mutation's time is one Python process importing torch and running the interpreter), which
+keeps the whole check to about three minutes on two cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import queue
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +45,24 @@ class Mutation:
     why: str
 
 
+# The three slowest (tens of seconds each) first, so that parallel jobs finish together.
 MUTATIONS = [
+    Mutation(
+        "pretraining-trunk-gets-no-gradient", "engine/train.py",
+        "loss = self.head(self.model(images), tags) / self.accum",
+        "loss = self.head(self.model(images).detach(), tags) / self.accum",
+        ("tests/test_transfer_probe.py", "-k", "linear_probe"),
+        "pretraining trains the head alone: the loss falls, but the trunk stays random"),
+    Mutation(
+        "step-check-plain-model-runs-free", "engine/models/step_check.py",
+        "        return _FusedValue.apply(own, recorded)\n", "        return own_value\n",
+        ("tests/test_step_check.py", "-k", "kink and triton"),
+        "the whole-step check compares two free-running models again, failing correct kernels at a ReLU tie"),
+    Mutation(
+        "bn_act-backward-ignores-gradient-layout", "engine/ops/bn_act.py",
+        "        grad_y = grad_y.contiguous(memory_format=fmt)\n", "",
+        ("tests/test_step_check.py", "-k", "kink and triton"),
+        "bn_act reads an NCHW output gradient (what the pooling hands to the last block) as channels_last"),
     Mutation(
         "sampled-head-detaches-features", "engine/heads.py",
         "            rows, tags = self._sample(features, tags, tag_weights)\n",
@@ -85,16 +106,6 @@ MUTATIONS = [
         ("tests/test_bn_act.py", "-k", "matches_reference and float16 and triton"),
         "bn_act's Triton dx loses the batch-statistics term through xhat, seen in half precision"),
     Mutation(
-        "step-check-plain-model-runs-free", "engine/models/step_check.py",
-        "        return _FusedValue.apply(own, recorded)\n", "        return own_value\n",
-        ("tests/test_step_check.py", "-k", "kink and triton"),
-        "the whole-step check compares two free-running models again, failing correct kernels at a ReLU tie"),
-    Mutation(
-        "bn_act-backward-ignores-gradient-layout", "engine/ops/bn_act.py",
-        "        grad_y = grad_y.contiguous(memory_format=fmt)\n", "",
-        ("tests/test_step_check.py", "-k", "kink and triton"),
-        "bn_act reads an NCHW output gradient (what the pooling hands to the last block) as channels_last"),
-    Mutation(
         "gpu-check-keeps-stale-stage-json", "benchmarks/gpu_check.py",
         "        stage_json.unlink(missing_ok=True)\n", "",
         ("tests/test_cli_and_benchmarks.py", "-k", "earlier_runs_results"),
@@ -136,16 +147,10 @@ MUTATIONS = [
         ("tests/test_verify.py", "-k", "digest"),
         "the autotune cache is never invalidated when a kernel, its glue or the extension changes"),
     Mutation(
-        "pretraining-trunk-gets-no-gradient", "engine/train.py",
-        "loss = self.head(self.model(images), tags) / self.accum",
-        "loss = self.head(self.model(images).detach(), tags) / self.accum",
-        ("tests/test_transfer_probe.py", "-k", "linear_probe"),
-        "pretraining trains the head alone: the loss falls, but the trunk stays random"),
-    Mutation(
         "transfer-never-loads-the-weights", "engine/evaluate.py",
         "    missing, unexpected = trunk.load_state_dict(trunk_sd, strict=False)\n",
         "    missing, unexpected = [], []\n",
-        ("tests/test_transfer_probe.py", "-k", "linear_probe"),
+        ("tests/test_train_eval_plot.py", "-k", "holds_the_weights"),
         "engine eval probes a randomly initialised trunk whatever weights it is given"),
 ]
 
@@ -200,41 +205,63 @@ def check_imports_copy(tree: Path) -> None:
             raise RuntimeError(f"the scratch copy imports {path}, outside {tree}: mutations would not be seen")
 
 
+def run_one(m: Mutation, trees: queue.Queue, timeout: float) -> tuple[str, float, str]:
+    """Applies m in a free scratch copy, runs its tests, restores the file; the outcome."""
+    tree = trees.get()
+    try:
+        try:
+            original = apply(tree, m)
+        except LookupError as e:
+            return "stale", 0.0, str(e)
+        try:
+            return run_tests(tree, m, timeout)
+        finally:
+            (tree / m.path).write_text(original)
+    finally:
+        trees.put(tree)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
     parser.add_argument("--only", action="append", default=[], metavar="NAME", help="run this mutation (repeatable)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per mutation's tests")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="mutations checked at once, each in its own copy (default: 2, or 1 on one core)")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
     unknown = set(args.only) - {m.name for m in MUTATIONS}
     if unknown:
         parser.error(f"unknown mutation(s) {sorted(unknown)}; --list shows them")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     if args.list:
         for m in MUTATIONS:
             print(f"{m.name}: {m.path}: {m.why}\n    tests: {' '.join(m.tests)}")
         return 0
     failed = []
+    jobs = min(args.jobs, len(chosen)) or 1
     with tempfile.TemporaryDirectory(prefix="mutation-check-") as tmp:
-        tree = Path(tmp) / "repo"
-        copy_tree(tree)
-        check_imports_copy(tree)
-        for m in chosen:
-            try:
-                original = apply(tree, m)
-            except LookupError as e:
-                print(f"STALE     {e}", flush=True)
-                failed.append(m.name)
-                continue
-            try:
-                outcome, seconds, tail = run_tests(tree, m, args.timeout)
-            finally:
-                (tree / m.path).write_text(original)
-            label = {"killed": "killed", "survived": "SURVIVED", "error": "ERROR"}[outcome]
-            print(f"{label:9} {m.name} ({seconds:.0f} s): {m.why}", flush=True)
-            if outcome != "killed":
-                failed.append(m.name)
-                print("    " + tail.replace("\n", "\n    "), flush=True)
+        trees = queue.Queue()
+        for i in range(jobs):
+            tree = Path(tmp) / f"repo{i}"
+            copy_tree(tree)
+            check_imports_copy(tree)
+            trees.put(tree)
+        with ThreadPoolExecutor(jobs) as pool:
+            futures = {pool.submit(run_one, m, trees, args.timeout): m for m in chosen}
+            for future in futures:
+                m = futures[future]
+                outcome, seconds, tail = future.result()
+                if outcome == "stale":
+                    print(f"STALE     {tail}", flush=True)
+                    failed.append(m.name)
+                    continue
+                label = {"killed": "killed", "survived": "SURVIVED", "error": "ERROR"}[outcome]
+                print(f"{label:9} {m.name} ({seconds:.0f} s): {m.why}", flush=True)
+                if outcome != "killed":
+                    failed.append(m.name)
+                    print("    " + tail.replace("\n", "\n    "), flush=True)
     print(f"{len(chosen) - len(failed)} of {len(chosen)} mutations caught"
           + (f"; not caught: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
