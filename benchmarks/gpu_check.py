@@ -83,13 +83,16 @@ def _without_dali() -> Optional[str]:
 BUILD = Stage("build", (), [PY, "setup.py", "build_ext", "--inplace"], 240, min_s=120)
 INFO = Stage("info", (), [PY, "-m", "engine.info", "--json"], 60, min_s=10)
 
+# The selftest in smoke mode: the small plan at 32 px, every op and backend once.
+SELFTEST_SMOKE = ["--model", "tiny", "--size", "32", "--dtypes", "float32", "--no-model-step"]
+
 STAGES = [
     BUILD,
     INFO,
     # Every op and backend against its reference on this device first: a kernel that fails here
     # is skipped by the dispatcher, and the stages after it measure what users would run.
     Stage("selftest", ("foundation",), [PY, "-m", "engine.cli", "selftest", "--out", "{json}"], 300,
-          smoke_args=["--model", "tiny", "--size", "32", "--dtypes", "float32", "--no-model-step"]),
+          smoke_args=SELFTEST_SMOKE),
     Stage("tests_bn_act", ("foundation",), _pytest("tests/test_bn_act.py"), 120),
     Stage("bench_bn_act", ("foundation",), _bench("bench_bn_act"), 150, smoke_args=["--smoke"]),
     Stage("bench_train_step", ("foundation",), _bench("bench_train_step"), 240,
@@ -129,8 +132,7 @@ QUICK = [
     INFO,
     # Correctness first: bf16 at ResNeXt-101 32x8d's shapes, with the fused-model steps.
     Stage("selftest", (), [PY, "-m", "engine.cli", "selftest", "--out", "{json}"], 240,
-          gpu_args=["--dtypes", "bfloat16"],
-          smoke_args=["--model", "tiny", "--size", "32", "--dtypes", "float32", "--no-model-step"], min_s=60),
+          gpu_args=["--dtypes", "bfloat16"], smoke_args=SELFTEST_SMOKE, min_s=60),
     Stage("bench_conv_bn", (), _bench("bench_conv_bn"), 150,
           gpu_args=["--archs", "32x8d"], smoke_args=["--smoke", "--kinds", "first"], min_s=45),
     Stage("bench_grouped_conv", (), _bench("bench_grouped_conv"), 120,
