@@ -16,6 +16,14 @@ kernel modules with a stand-in for torch, since compiling needs none of it). Reg
 and local memory come from cuobjdump on the cubin, shared memory from Triton's metadata,
 and instruction counts (wgmma, cp.async, 2-byte global accesses) from the PTX.
 
+The committed report (benchmarks/results/compile_sm90.json) is also a record: a launch whose
+key (row_key: Triton's own cache key, which covers the kernel's source, the jit functions it
+calls, the specialisation, the options, Triton's and ptxas's versions, plus this file's
+measuring code) equals a recorded row's takes that row's figures instead of a compile, so a
+fresh clone compiles only what changed since the record. The first recorded launch of each
+kernel and dtype is compiled anyway and must reproduce the record's figures exactly (the
+compile is deterministic); a difference fails the gate. --no-record compiles everything.
+
 CUDA: csrc/*.cu compiled for sm_90 with setup.py's NVCC_FLAGS and `-Xptxas -v` (compile
 only; the extension is not rebuilt); ptxas's figures and the SASS (cuda_sass, which
 tests/test_csrc_sass.py reads) cached by source hash in .gate-cache/.
@@ -38,6 +46,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".gate-cache"
+# The committed full report: its rows stand in for compiles whose key (row_key) they share.
+RECORD = ROOT / "benchmarks" / "results" / "compile_sm90.json"
 TRITON36_PYTHON = ROOT / ".venv-triton36" / "bin" / "python"
 
 # Per-block shared memory a kernel may opt into: 227 KB on sm_90 (H100/H200) and sm_100 (B200).
@@ -157,8 +167,8 @@ def narrow_tile_offsets(ttir: str, args) -> list[str]:
                                r"tensor<\d+x\d+xi32>", line)) and m.group(1) in tiles]
 
 
-def compile_spec(spec: dict, arch: int, keep_ttir: bool = False) -> dict:
-    import triton
+def _prepared(spec: dict, arch: int):
+    """What triton.compile takes for a spec, as Triton's launcher would build it."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
@@ -171,10 +181,35 @@ def compile_spec(spec: dict, arch: int, keep_ttir: bool = False) -> dict:
     kwargs = dict(spec["options"])
     bound, specialization, options = binder(*[_concrete(a) for a in spec["args"]], **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return ASTSource(fn, signature, constexprs, attrs), target, backend, options
+
+
+def row_key(spec: dict, arch: int) -> str:
+    """What a row's figures are a function of: Triton's own cache key (its version and
+    sources, ptxas's version, the kernel's source and the jit functions it calls, the
+    specialisation, the target, the options), the arguments the 32-bit offset check looks
+    at, and the code in this file that measures. Equal keys, equal figures."""
+    import inspect
+
+    from triton.compiler.compiler import get_cache_invalidating_env_vars
+    from triton.runtime.cache import get_cache_key
+
+    src, target, backend, options = _prepared(spec, arch)
+    options = backend.parse_options(dict(options.__dict__, **src.parse_options()))
+    measuring = "".join(inspect.getsource(f) for f in (compile_spec, _resource_usage, narrow_tile_offsets))
+    key = [get_cache_key(src, backend, options, get_cache_invalidating_env_vars()), arch,
+           sorted(spec.get("large_args", ())), measuring, PTX_COUNTS]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()
+
+
+def compile_spec(spec: dict, arch: int, keep_ttir: bool = False) -> dict:
+    import triton
+
+    src, target, _, options = _prepared(spec, arch)
     row = {"triton": triton.__version__, "target": f"sm_{arch}"}
     start = time.perf_counter()
     try:
-        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+        kernel = triton.compile(src, target=target, options=options.__dict__)
     except Exception as e:  # the gate's verdict on this kernel, reported in the table
         row["error"] = f"{type(e).__name__}: {' | '.join(str(e).strip().splitlines()[-6:])}"[:800]
         return row
@@ -191,28 +226,77 @@ def compile_spec(spec: dict, arch: int, keep_ttir: bool = False) -> dict:
     return row
 
 
-def _worker_main(specs_path: str, arch: int, out_path: str, jobs: int) -> None:
-    specs = json.loads(Path(specs_path).read_text())
+# A row's figures: what a recorded row lends to an equal key, and what a fresh compile of a
+# recorded row must reproduce.
+FIGURES = ("error", "shared_bytes", "registers", "local_bytes", "stack_bytes", "ptx", "narrow_offsets")
+
+
+def _compile_or_check(spec: dict, arch: int, recorded: dict | None) -> dict:
+    row = compile_spec(spec, arch)
+    if recorded is not None:
+        row["checked_against_record"] = True
+        differing = [f"{k} {recorded.get(k)} recorded, {row.get(k)} compiled" for k in FIGURES
+                     if recorded.get(k) != row.get(k)]
+        if differing:
+            row["record_differs"] = differing
+    return row
+
+
+def gate_rows(specs: list[dict], arch: int, record: dict[str, dict], jobs: int) -> list[dict]:
+    """One row per spec: compiled, or lent by the record when it holds the spec's key. The
+    first recorded spec of each kernel and dtype is compiled anyway and must reproduce the
+    record's figures, so a record that no longer matches what the compiler produces (or
+    was edited by hand) fails the gate."""
+    keys = [row_key(s, arch) for s in specs]
+    checked, todo = set(), []
+    for i, (spec, key) in enumerate(zip(specs, keys)):
+        kind = (spec["module"], spec["kernel"], _dtype_of(spec))
+        if key not in record or kind not in checked:
+            todo.append(i)
+            if key in record:
+                checked.add(kind)
+    work = [(specs[i], arch, record.get(keys[i])) for i in todo]
     if jobs > 1:
         import multiprocessing
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            rows = pool.starmap(compile_spec, [(s, arch) for s in specs])
+            compiled = dict(zip(todo, pool.starmap(_compile_or_check, work)))
     else:
-        rows = [compile_spec(s, arch) for s in specs]
-    Path(out_path).write_text(json.dumps(rows))
+        compiled = dict(zip(todo, (_compile_or_check(*w) for w in work)))
+    rows = []
+    for i, key in enumerate(keys):
+        row = compiled.get(i) or dict({k: v for k, v in record[key].items() if k in FIGURES + ("triton", "target")},
+                                      from_record=True)
+        rows.append(dict(row, key=key))
+    return rows
 
 
-def run_worker(python: str, specs: list[dict], arch: int, jobs: int) -> list[dict]:
-    """Compiles specs in a fresh process of `python` (this venv or the Triton 3.6 one)."""
+def _worker_main(specs_path: str, arch: int, out_path: str, jobs: int, record_path: str) -> None:
+    specs = json.loads(Path(specs_path).read_text())
+    record = json.loads(Path(record_path).read_text())
+    Path(out_path).write_text(json.dumps(gate_rows(specs, arch, record, jobs)))
+
+
+def run_worker(python: str, specs: list[dict], arch: int, jobs: int, record: dict[str, dict]) -> list[dict]:
+    """Gates specs in a fresh process of `python` (this venv or the Triton 3.6 one)."""
     CACHE.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        specs_path, out_path = Path(tmp, "specs.json"), Path(tmp, "rows.json")
+        specs_path, out_path, record_path = Path(tmp, "specs.json"), Path(tmp, "rows.json"), Path(tmp, "record.json")
         specs_path.write_text(json.dumps(specs))
+        record_path.write_text(json.dumps(record))
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env.setdefault("TRITON_CACHE_DIR", str(CACHE / "triton"))
         subprocess.run([python, str(Path(__file__).resolve()), "--worker", str(specs_path), "--arch", str(arch),
-                        "--rows", str(out_path), "--jobs", str(jobs)], check=True, env=env, cwd=ROOT)
+                        "--rows", str(out_path), "--jobs", str(jobs), "--record", str(record_path)],
+                       check=True, env=env, cwd=ROOT)
         return json.loads(out_path.read_text())
+
+
+def load_record(path: Path | None) -> dict[str, dict]:
+    """The Triton rows of an earlier report, by key (reports from before rows had keys lend none)."""
+    if path is None or not path.exists():
+        return {}
+    report = json.loads(path.read_text())
+    return {r["key"]: r for section in report.get("triton", {}).values() for r in section["rows"] if "key" in r}
 
 
 # --------------------------------------------------------------------------------------
@@ -313,6 +397,9 @@ def cuda_sass(source: str, arch: int = 90) -> str:
 
 def verdict(row: dict, arch: int) -> list[str]:
     problems = []
+    if row.get("record_differs"):
+        problems.append(f"a fresh compile differs from the record ({'; '.join(row['record_differs'])[:300]}): "
+                        f"regenerate it: python -m benchmarks.compile_gate --no-record --out {RECORD.relative_to(ROOT)}")
     if "error" in row:
         problems.append(f"compile error: {row['error'][:300]}")
         return problems
@@ -409,12 +496,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-sm100", action="store_true", help="skip the Blackwell compile")
     p.add_argument("--triton36", choices=("auto", "require", "skip"), default="auto",
                    help="also compile under Triton 3.6 from .venv-triton36 (auto: when it exists)")
+    p.add_argument("--record", default=str(RECORD),
+                   help="an earlier report whose rows stand in for compiles with an equal key (default: the "
+                        "committed one); the first of each kernel and dtype is compiled anyway and must match")
+    p.add_argument("--no-record", action="store_true", help="compile every launch")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--arch", type=int, default=90, help=argparse.SUPPRESS)
     p.add_argument("--rows", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        _worker_main(args.worker, args.arch, args.rows, args.jobs)
+        _worker_main(args.worker, args.arch, args.rows, args.jobs, args.record)
         return 0
 
     import triton
@@ -445,22 +536,24 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "smem_limit_bytes": SMEM_LIMIT, "spill_bound_bytes": SPILL_BOUND_BYTES,
               "capture_s": round(capture_s, 1), "triton": {}, "cuda": {}}
-    compiled = {}
+    record = {} if args.no_record else load_record(Path(args.record))
     for name, python, arch, run_specs in runs:
         t = time.perf_counter()
-        rows = run_worker(python, run_specs, arch, args.jobs)
-        compiled[name] = rows
+        rows = run_worker(python, run_specs, arch, args.jobs, record)
         table = []
         for spec, row in zip(run_specs, rows):
             table.append(dict(module=spec["module"], kernel=spec["kernel"], config=_config_text(spec),
                               dtype=_dtype_of(spec), launches=spec["launches"], shapes=spec["shapes"], **row,
                               problems=verdict(row, arch)))
+        lent = sum(1 for r in rows if r.get("from_record"))
+        checked = sum(1 for r in rows if r.get("checked_against_record"))
         report["triton"][name] = {"seconds": round(time.perf_counter() - t, 1), "rows": table,
+                                  "compiled": len(rows) - lent, "from_record": lent, "checked_against_record": checked,
                                   "batches": args.batches if run_specs is specs else args.other_batches,
                                   "dtypes": args.dtypes if run_specs is specs else other_dtypes}
         failing = sum(1 for r in table if r["problems"])
-        print(f"compile_gate: {name}: {len(rows)} compiles, {failing} failing, "
-              f"{time.perf_counter() - t:.0f} s", flush=True)
+        print(f"compile_gate: {name}: {len(rows)} launches, {len(rows) - lent} compiled ({checked} of them to check "
+              f"the record), {lent} from the record; {failing} failing, {time.perf_counter() - t:.0f} s", flush=True)
     if not args.no_sm100:
         # sm_90 against sm_100 on the same launches.
         rows90 = [r for r in report["triton"][runs[0][0]]["rows"]]

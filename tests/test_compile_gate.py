@@ -3,10 +3,12 @@ engine launches on a GPU compiles for sm_90 within the shared-memory limit and t
 bound, under this environment's Triton and, when .venv-triton36 exists (make
 triton36-venv), Triton 3.6. No GPU needed: the kernels are compiled, not run.
 
-The CI tier compiles every launch configuration (tiles, warps, stages, constexpr
+The CI tier gates every launch configuration (tiles, warps, stages, constexpr
 switches) of every model at one batch size, in bf16 and fp32 (fp16 has bf16's tiles and
 code paths), and under Triton 3.6 in bf16; the full gate (all batch sizes and dtypes,
-sm_100, CUDA) is what benchmarks/results/compile_sm90.json records.
+sm_100, CUDA) is what benchmarks/results/compile_sm90.json records. A launch whose key
+that record holds takes the recorded figures; the rest, and the first recorded launch of
+each kernel and dtype, are compiled.
 """
 
 import json
@@ -51,6 +53,13 @@ def test_gate_passes(gate):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert report["verdict"] == "PASS" and report["problems"] == []
     assert "CPU machine" in report["produced_on"]
+    for name, section in report["triton"].items():
+        rows = section["rows"]
+        assert section["compiled"] + section["from_record"] == len(rows) and all(len(r["key"]) == 64 for r in rows)
+        # Every kernel and dtype that took figures from the record had one launch recompiled, matching.
+        kind = lambda r: (r["module"], r["kernel"], r["dtype"])  # noqa: E731
+        assert {kind(r) for r in rows if r.get("from_record")} <= {kind(r) for r in rows
+                                                                   if r.get("checked_against_record")}, name
 
 
 def test_every_kernel_compiled_for_sm90_under_each_triton(gate):
@@ -100,6 +109,47 @@ print("RESULT " + json.dumps({"row": row, "problems": g.verdict(row, 90)}))
     result = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT ")).removeprefix("RESULT "))
     assert result["row"]["shared_bytes"] > 232_448
     assert any("shared memory" in p for p in result["problems"])
+
+
+def test_a_record_a_fresh_compile_contradicts_fails_the_gate():
+    """The record lends figures only to launches with its key, and the first of each kernel
+    and dtype is compiled anyway: a recorded figure that a compile does not reproduce (a
+    stale or hand-edited record) fails that row, while the kernel's other launch still
+    takes the record's figures."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = r"""
+import json, torch
+from benchmarks import compile_gate as g
+from benchmarks import compile_gate_capture as cap
+from engine.kernels import hashtag_ce
+rec = cap.Recorder()
+with cap.intercepted(rec):
+    for v in (2048, 2125):  # a vocabulary slice divisible by 16 and one that is not: two specialisations
+        x, w = torch.empty(512, 256, dtype=torch.bfloat16, device="cuda"), torch.empty(v, 256, dtype=torch.bfloat16, device="cuda")
+        tags, tw = torch.empty(512, 8, dtype=torch.int64, device="cuda"), torch.empty(512, 8, device="cuda")
+        hashtag_ce.forward(x, w, None, tags, tw, True)
+specs = [s for s in rec.specs.values() if s["kernel"] == "_forward_kernel"]
+fresh = g.gate_rows(specs, 90, {}, 1)
+record = {r["key"]: dict(r) for r in fresh}
+honest = g.gate_rows(specs, 90, record, 1)
+record[fresh[0]["key"]]["registers"] += 8
+edited = g.gate_rows(specs, 90, record, 1)
+print("RESULT " + json.dumps({"fresh": fresh, "honest": honest, "edited": edited,
+                              "verdicts": [g.verdict(r, 90) for r in honest + edited]}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT ")).removeprefix("RESULT "))
+    fresh, honest, edited = result["fresh"], result["honest"], result["edited"]
+    assert len(fresh) == 2 and fresh[0]["key"] != fresh[1]["key"] and not any(r.get("from_record") for r in fresh)
+    assert [r["key"] for r in honest] == [r["key"] for r in fresh]
+    assert honest[0]["checked_against_record"] and "record_differs" not in honest[0]
+    assert honest[1]["from_record"] and honest[1]["registers"] == fresh[1]["registers"]
+    assert edited[0]["record_differs"] == [f"registers {fresh[0]['registers'] + 8} recorded, "
+                                           f"{fresh[0]['registers']} compiled"]
+    assert result["verdicts"][:2] == [[], []]
+    assert "differs from the record" in result["verdicts"][2][0] and result["verdicts"][3] == []
 
 
 def test_verdict_bounds():

@@ -152,6 +152,12 @@ MUTATIONS = [
         "    missing, unexpected = [], []\n",
         ("tests/test_train_eval_plot.py", "-k", "holds_the_weights"),
         "engine eval probes a randomly initialised trunk whatever weights it is given"),
+    Mutation(
+        "compile-gate-trusts-the-record-unchecked", "benchmarks/compile_gate.py",
+        "        if key not in record or kind not in checked:\n", "        if key not in record:\n",
+        ("tests/test_compile_gate.py", "-k", "record_a_fresh"),
+        "the compile gate takes every recorded row's figures without compiling one, so a stale or edited record "
+        "passes"),
 ]
 
 
