@@ -436,8 +436,8 @@ def _summary(report: dict) -> str:
     for name, section in report["triton"].items():
         rows = section["rows"]
         worst = sorted(rows, key=lambda r: -r.get("shared_bytes", 0))[:1]
-        lines.append(f"## {name}: {len(rows)} compiles, {sum(1 for r in rows if r['problems'])} failing, "
-                     f"{section['seconds']:.0f} s")
+        lines.append(f"## {name}: {len(rows)} launches ({section['compiled']} compiled, {section['from_record']} "
+                     f"from the record), {sum(1 for r in rows if r['problems'])} failing, {section['seconds']:.0f} s")
         if worst:
             lines.append(f"Largest shared memory: {worst[0]['kernel']} {worst[0]['config']} {worst[0]['dtype']}: "
                          f"{worst[0].get('shared_bytes')} B.")
