@@ -14,7 +14,10 @@ def _interpreter_without_discarded_overflow_checks() -> None:
     function's cache key holds its line number, and the compile gate's record its key.)"""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
-    from triton.runtime import interpreter
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # `import engine` needs no Triton (the GPU machine's bare checkout)
+        return
     builder = getattr(interpreter, "interpreter_builder", None)
     options = getattr(builder, "options", None)
     if options is not None and not options.debug and options.sanitize_overflow:
