@@ -32,6 +32,7 @@ tests/test_csrc_sass.py reads) cached by source hash in .gate-cache/.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import hashlib
 import json
@@ -184,21 +185,24 @@ def _prepared(spec: dict, arch: int):
     return ASTSource(fn, signature, constexprs, attrs), target, backend, options
 
 
+@functools.cache
+def _measuring_code() -> str:
+    import inspect
+    return "".join(inspect.getsource(f) for f in (compile_spec, _resource_usage, narrow_tile_offsets))
+
+
 def row_key(spec: dict, arch: int) -> str:
     """What a row's figures are a function of: Triton's own cache key (its version and
     sources, ptxas's version, the kernel's source and the jit functions it calls, the
     specialisation, the target, the options), the arguments the 32-bit offset check looks
     at, and the code in this file that measures. Equal keys, equal figures."""
-    import inspect
-
     from triton.compiler.compiler import get_cache_invalidating_env_vars
     from triton.runtime.cache import get_cache_key
 
     src, target, backend, options = _prepared(spec, arch)
     options = backend.parse_options(dict(options.__dict__, **src.parse_options()))
-    measuring = "".join(inspect.getsource(f) for f in (compile_spec, _resource_usage, narrow_tile_offsets))
     key = [get_cache_key(src, backend, options, get_cache_invalidating_env_vars()), arch,
-           sorted(spec.get("large_args", ())), measuring, PTX_COUNTS]
+           sorted(spec.get("large_args", ())), _measuring_code(), PTX_COUNTS]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
